@@ -39,7 +39,7 @@ def test_wrong_kind_and_bad_knobs():
     with pytest.raises(WorkbenchError, match="needs a model of kind encoder"): EmbeddingFidelity().check(LM(model=None, name='m', kind='vit'))
     with pytest.raises(WorkbenchError, match='n_test=900 is out of range'): LinearProbe(n_test=900)
     with pytest.raises(WorkbenchError, match="unknown pool 'max'"): LinearProbe(pool='max')
-    assert LinearProbe(n_train=20).describe()['split']['train'] == 20
+    assert LinearProbe(n_train=20).describe()['n_train'] == 20
 
 @pytest.mark.slow
 def test_dinov2_matches_onnxruntime():
@@ -64,4 +64,4 @@ def test_embedding_fidelity_minilm():
     from workbench.models import load
     lm, task = load('minilm-l6'), EmbeddingFidelity(n=50)
     r = task.run(lm, task.reference(lm))
-    assert abs(r['emb_cosine'] - 1) < 1e-6 and r['retrieval_top1'] == r['retrieval_top1_baseline'] > 0.5
+    assert abs(r['emb_cosine'] - 1) < 1e-6 and r['retrieval_top1'] == r['retrieval_top1_baseline'] > 5 / 50 # chance: 1/50

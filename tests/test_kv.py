@@ -144,7 +144,7 @@ def test_bad_input(tinies):
         cache = kv_cache(t, None, t.slots['cache'][0])
         with torch.no_grad(), pytest.raises(WorkbenchError, match='nothing would be compressed'):
             t.model(X, past_key_values=cache, use_cache=True); t.model(X[:, :1], past_key_values=cache, use_cache=True)
-    broken = tiny_lm('llama'); broken.model.model.layers[1].self_attn.q_proj = nn.Identity()
+    broken = tiny_lm('llama'); broken.model.model.layers[1].self_attn.q_proj = None # as in a model with fused QKV
     with pytest.raises(WorkbenchError, match='needs attention scores'): H2O().install(broken)
     assert broken.slots == {}
     with pytest.raises(WorkbenchError, match="kind 'encoder'"): KIVI().install(tiny_lm('bert'))

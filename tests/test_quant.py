@@ -141,3 +141,39 @@ def test_bench_quant_runs():
     assert list(t.method[:2]) == ['baseline (Q4_1-dequantized)', RTN(bits=4, group_size=32).name]
     assert abs(t.ppl[1] - t.ppl[0]) < 1e-4 and abs(t.bits_per_weight[1] - 5.0) < 1e-6
     assert (bench_matmul(tokens=8, repeats=1).slowdown > 0).all()
+
+def reference_gptq(m, w, H, damp=0.01, dtype=torch.float64):
+    "The GPTQ paper's Algorithm 1, without lazy batches: one column at a time, every later column updated at once."
+    W, H, n = w.detach().to(dtype).clone(), H.to(dtype).clone(), w.shape[1]
+    H += damp * H.diag().mean() * torch.eye(n, dtype=dtype)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True) # another route to the inverse than ours
+    codes = torch.zeros(w.shape, dtype=torch.uint8)
+    for j in range(n):
+        if j % m.group_size == 0: s, o = m.stored(*m.choose(W[:, None, j:j + m.group_size]))
+        q = m.encode(W[:, j:j + 1], s[:, 0], o[:, 0])
+        codes[:, j] = q[:, 0]
+        err = (W[:, j] - (q[:, 0].to(dtype) * s[:, 0, 0].to(dtype) + o[:, 0, 0].to(dtype))) / U[j, j]
+        W[:, j:] -= err[:, None] * U[j, j:][None, :]
+    return codes
+
+@pytest.fixture(scope='module')
+def smollm2_layer():
+    "A real layer of SmolLM2 (block 2's MLP down projection) and the float64 Hessian of its calibration inputs."
+    from workbench.models import load
+    from workbench.quant import calib_batches
+    lm = load('smollm2-135m'); layer = lm.model.model.layers[2].mlp.down_proj; xs = []
+    hook = layer.register_forward_hook(lambda mod, i, o: xs.append(i[0].reshape(-1, i[0].shape[-1]).double()))
+    with torch.no_grad(): lm.model(**calib_batches(lm, 512, 512)[0], use_cache=False)
+    hook.remove(); X = xs[0]
+    return layer.weight.detach().clone(), 2 * X.T @ X / len(X)
+
+def test_gptq_matches_reference_loop(smollm2_layer):
+    """Ours (lazy blocks of 128 columns) against Algorithm 1: identical codes in float64. In float32 the codes move with
+    the summation order (measured on block 2: ours differs from the float64 reference in 0.05% (q_proj) to 0.62%
+    (down_proj) of codes, the paper's loop in float32 in 0.6% to 4.2%): the reason GPTQ solves in float64."""
+    w, H = smollm2_layer
+    m = RTN(bits=3, group_size=64)
+    ref = reference_gptq(m, w, H)
+    assert torch.equal(gptq_quantize(m, w, H).codes, ref)
+    ours32 = (gptq_quantize(m, w, H, dtype=torch.float32).codes != ref).float().mean().item()
+    assert ours32 <= 0.01, ours32

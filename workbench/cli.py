@@ -4,15 +4,17 @@
 
 # %% ../nbs/09_cli.ipynb #5ffffd30
 from __future__ import annotations
-import argparse, importlib, json, sys, time
+import argparse, importlib, json, os, statistics, sys, time
+from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
 from .core import WorkbenchError, check_choice
 from .models import cache_dir
 
 # %% auto #0
-__all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'BENCHES', 'regression_notebooks', 'compare', 'run_regression',
-           'regress', 'demo', 'bench_eval', 'bench_function', 'parser', 'main']
+__all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'BENCHES', 'regression_notebooks',
+           'compare', 'environment', 'run_regression', 'regress', 'tolerance', 'calibrate', 'demo', 'bench_eval',
+           'bench_function', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -36,27 +38,75 @@ def compare(metrics:dict, baseline:dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../nbs/09_cli.ipynb #4fba8dfb
-def run_regression(name:str, profile:str='smoke', out_dir:Path=None) -> dict:
+THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS') # read by torch and MKL when the kernel starts
+SSE42 = {'ATEN_CPU_CAPABILITY': 'default', 'MKL_ENABLE_INSTRUCTIONS': 'SSE4_2'} # other kernels, as on an older CPU
+SETTINGS = {'1 thread': dict(threads=1), '2 threads': dict(threads=2), 'SSE4.2 kernels': dict(threads=2, env=SSE42)}
+
+@contextmanager
+def environment(threads:int|None=None, # torch and BLAS threads of the processes started inside (None: unchanged)
+                env:dict|None=None): # more environment variables
+    "Inside, processes started (a notebook's kernel) get `threads` threads and the variables `env`; restored after."
+    new = {**({} if threads is None else dict.fromkeys(THREAD_VARS, str(threads))), **(env or {})}
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def run_regression(name:str, profile:str='smoke', out_dir:Path=None,
+                   threads:int|None=1, env:dict|None=None) -> dict: # the kernel's threads and environment
     "Execute regression notebook `name` headless with papermill; return its metrics."
     import papermill as pm
     nbs = regression_notebooks(); check_choice('regression notebook', name, list(nbs)); check_choice('profile', profile, PROFILES)
+    if threads is not None and threads < 1: raise WorkbenchError(f"threads={threads} must be at least 1")
     out_dir = Path(out_dir or cache_dir()/'regress'); out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir/f'{name}.{profile}.json'
-    pm.execute_notebook(str(nbs[name]), str(out_dir/f'{name}.{profile}.ipynb'), cwd=str(REGRESSION), progress_bar=False,
-                        parameters=dict(profile=profile, metrics_path=str(metrics_path)), kernel_name='python3')
+    with environment(threads, env):
+        pm.execute_notebook(str(nbs[name]), str(out_dir/f'{name}.{profile}.ipynb'), cwd=str(REGRESSION), progress_bar=False,
+                            parameters=dict(profile=profile, metrics_path=str(metrics_path)), kernel_name='python3')
     return json.loads(metrics_path.read_text())
 
-def regress(names=None, profile:str='smoke', update_baseline:bool=False, out_dir=None) -> pd.DataFrame:
+def _write_baseline(name, profile, metrics):
+    path = BASELINES/f'{name}.{profile}.json'
+    path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + '\n')
+
+def regress(names=None, profile:str='smoke', update_baseline:bool=False, out_dir=None, threads:int|None=1) -> pd.DataFrame:
     "Run regression notebooks (all by default) and compare with their baselines; `update_baseline` rewrites them."
     tables = []
     for name in names or list(regression_notebooks()):
-        metrics = run_regression(name, profile, out_dir)
+        metrics = run_regression(name, profile, out_dir, threads)
         path = BASELINES/f'{name}.{profile}.json'
-        if update_baseline:
-            path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + '\n')
-        if not path.exists(): raise WorkbenchError(f"no baseline {path.name} for {name!r} ({profile}); create it with: workbench regress {name} --profile {profile} --update-baseline")
+        if update_baseline: _write_baseline(name, profile, metrics)
+        if not path.exists(): raise WorkbenchError(f"no baseline {path.name} for {name!r} ({profile}); create it with: workbench regress {name} --profile {profile} --calibrate")
         tables.append(compare(metrics, json.loads(path.read_text())).assign(notebook=name, profile=profile))
     return pd.concat(tables, ignore_index=True)[['notebook', 'profile', 'metric', 'baseline', 'value', 'tol', 'diff', 'drift']]
+
+# %% ../nbs/09_cli.ipynb #c4a1b7e3
+def tolerance(values:list, # one metric's values under each setting
+              margin:float=3.0) -> float: # how many spreads of room
+    "A metric's tolerance: `margin` times the spread of `values`, never below 1e-6 relative for a non-integer."
+    spread = max(values) - min(values)
+    floor = 0 if all(float(v).is_integer() for v in values) else 1e-6 * max(abs(v) for v in values)
+    return max(margin * spread, floor)
+
+def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0, settings:dict=SETTINGS) -> pd.DataFrame:
+    "Run notebooks under every setting, write baselines with the median value and the tolerance from the measured spread."
+    out_dir, rows = Path(out_dir or cache_dir()/'calibrate'), []
+    for name in names or list(regression_notebooks()):
+        runs = {s: run_regression(name, profile, out_dir/s.replace(' ', '_'), **kw) for s, kw in settings.items()}
+        keys = set.union(*(set(r) for r in runs.values()))
+        missing = {s: sorted(keys - set(r)) for s, r in runs.items() if keys - set(r)}
+        if missing: raise WorkbenchError(f"{name} ({profile}) wrote different metrics under different settings: missing {missing}")
+        base = {}
+        for k in sorted(keys):
+            vals = [r[k]['value'] for r in runs.values()]
+            base[k] = dict(value=statistics.median(vals), tol=tolerance(vals, margin), spread=max(vals) - min(vals),
+                           margin=margin, runs=dict(zip(runs, vals)))
+            rows.append(dict(notebook=name, profile=profile, metric=k, **{x: base[k][x] for x in ('value', 'spread', 'tol')}))
+        _write_baseline(name, profile, base)
+    return pd.DataFrame(rows)
 
 # %% ../nbs/09_cli.ipynb #0fcb34b1
 def demo(out:Path=Path('workbench-demo.html'), tokens:int=2048, name:str='headline', root=None, progress=True, methods:list|None=None) -> pd.DataFrame:
@@ -122,7 +172,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser('run', help='run a study from a TOML spec file'); r.add_argument('spec'); r.add_argument('--csv')
     g = sub.add_parser('regress', help='rerun regression notebooks and compare with their baselines')
     g.add_argument('names', nargs='*'); g.add_argument('--profile', default='full', choices=PROFILES)
-    g.add_argument('--update-baseline', action='store_true')
+    g.add_argument('--update-baseline', action='store_true', help="rewrite the baselines with the notebooks' own tolerances")
+    g.add_argument('--calibrate', action='store_true', help='rerun under 1 thread, 2 threads and SSE4.2 kernels; pin the measured spread')
+    g.add_argument('--threads', type=int, default=1, help='torch and BLAS threads of the notebook kernels (default 1)')
     e = sub.add_parser('peers', help="install a peer library's own environment: workbench peers install kvpress")
     e.add_argument('action', choices=['install']); e.add_argument('name', choices=['kvpress'])
     o = sub.add_parser('docs', help='build the docs site from the notebooks (offline), ready to publish')
@@ -152,7 +204,8 @@ def main(argv=None) -> int:
             if a.csv: df.to_csv(a.csv, index=False)
             return 0
         if a.cmd == 'regress':
-            t = regress(a.names or None, a.profile, a.update_baseline); _print(t)
+            if a.calibrate: _print(calibrate(a.names or None, a.profile)); return 0
+            t = regress(a.names or None, a.profile, a.update_baseline, threads=a.threads); _print(t)
             bad = t[t.drift]
             print(f"\n{len(t) - len(bad)} of {len(t)} metrics within tolerance" + ('' if bad.empty else f"; DRIFT: {', '.join(bad.metric)}"))
             return 1 if len(bad) and not a.update_baseline else 0

@@ -72,14 +72,16 @@ def expand(p:torch.Tensor, group:int, n:int) -> torch.Tensor:
     return p if p.shape[1] == n else p.repeat_interleave(group, 1, output_size=p.shape[1] * group)[:, :n]
 
 # %% ../nbs/10_quant.ipynb #2a847872
-def dequantize(codes:torch.Tensor, scale:torch.Tensor, offset:torch.Tensor|None, bits:int, group:int) -> torch.Tensor:
-    "The fp32 weight `code * scale + offset` (offset `-2^(bits-1) * scale` when None: symmetric)."
+def dequantize(codes:torch.Tensor, scale:torch.Tensor, offset:torch.Tensor|None, bits:int, group:int,
+               dtype=torch.float32) -> torch.Tensor: # the weight's dtype (GPTQ's float64 solve asks for float64)
+    "The weight `code * scale + offset` (offset `-2^(bits-1) * scale` when None: symmetric)."
     rows, n = codes.shape
-    s = scale.float(); o = offset.float() if offset is not None else -(2 ** (bits - 1)) * s
-    if s.shape[1] == 1: return codes.float() * s + o # one scale per tensor or per row: broadcast
+    s = scale.to(dtype); o = offset.to(dtype) if offset is not None else -(2 ** (bits - 1)) * s
+    c = codes.to(dtype)
+    if s.shape[1] == 1: return c * s + o # one scale per tensor or per row: broadcast
     if n % group == 0: # whole groups: a view, no copy of the scales
-        return (codes.view(rows, -1, group).float() * s[..., None] + o[..., None]).view(rows, n)
-    return codes.float() * expand(s, group, n) + expand(o, group, n) # a last partial group
+        return (c.view(rows, -1, group) * s[..., None] + o[..., None]).view(rows, n)
+    return c * expand(s, group, n) + expand(o, group, n) # a last partial group
 
 @dataclass
 class Quantized:
@@ -276,9 +278,10 @@ def block_inputs(lm:LM, batches:list) -> tuple:
 def gptq_quantize(m:WeightQuant, # supplies bits, granularity, `choose` and `encode`
                   w:torch.Tensor, # [out, in] weight
                   H:torch.Tensor, # [in, in] Hessian 2 X^T X / N of the layer's inputs
-                  damp:float=0.01, act_order:bool=False, block:int=128) -> Quantized:
+                  damp:float=0.01, act_order:bool=False, block:int=128,
+                  dtype=torch.float64) -> Quantized: # the solve's dtype: float64 makes codes independent of the BLAS
     "GPTQ: quantize `w` column by column, compensating each column's error with the inverse Hessian."
-    W, H = w.detach().float().clone(), H.clone()
+    W, H = w.detach().to(dtype).clone(), H.to(dtype).clone()
     rows, n = W.shape; g = m.group_of(n)
     dead = H.diag() == 0
     H[dead, dead] = 1; W[:, dead] = 0
@@ -289,15 +292,15 @@ def gptq_quantize(m:WeightQuant, # supplies bits, granularity, `choose` and `enc
         scale = torch.cat([s[..., 0] for s, o in ps], 1); offset = None if m.symmetric else torch.cat([o[..., 0] for s, o in ps], 1)
         col_s = expand(scale, g, n).expand(rows, n) if m.granularity == 'group' else scale.expand(rows, n)
         col_o = None if offset is None else (expand(offset, g, n).expand(rows, n) if m.granularity == 'group' else offset.expand(rows, n))
-    perm = torch.argsort(H.diag(), descending=True) if act_order else torch.arange(n)
+    perm = torch.argsort(H.diag(), descending=True, stable=True) if act_order else torch.arange(n)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * H.diag().mean() * torch.eye(n)
+    H += damp * H.diag().mean() * torch.eye(n, dtype=dtype)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     if m.granularity == 'group': block = max(g, block // g * g) # a group never straddles two lazy blocks
     codes, scales, offsets = torch.zeros(rows, n, dtype=torch.uint8), [], []
     with one_thread(): # thousands of small operations: threads cost more than they give
         for i1 in range(0, n, block):
-            i2 = min(i1 + block, n); W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), U[i1:i2, i1:i2]
+            i2 = min(i1 + block, n); W1, E1, U1 = W[:, i1:i2].clone(), W.new_zeros(rows, i2 - i1), U[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 c = i1 + i
                 if static: s, o = col_s[:, perm[c], None], None if col_o is None else col_o[:, perm[c], None]
@@ -307,7 +310,7 @@ def gptq_quantize(m:WeightQuant, # supplies bits, granularity, `choose` and `enc
                     scales.append(s); offsets.append(o)
                 q = m.encode(W1[:, i:i + 1], s, o)
                 codes[:, c] = q[:, 0]
-                err = (W1[:, i] - dequantize(q, s, o, m.bits, 1)[:, 0]) / U1[i, i]
+                err = (W1[:, i] - dequantize(q, s, o, m.bits, 1, dtype)[:, 0]) / U1[i, i]
                 W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
                 E1[:, i] = err
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
@@ -336,10 +339,10 @@ class GPTQ(WeightQuant):
         try:
             for i, (block, call) in enumerate(zip(blocks, calls)):
                 lins = {n: m for n, m in lm.model.named_modules() if n.startswith(f'{prefix}.{i}.') and self.selects(n, m)}
-                self._hessians = {id(m): torch.zeros(m.in_features, m.in_features) for m in lins.values()}
+                self._hessians = {id(m): torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in lins.values()}
                 counts = dict.fromkeys(self._hessians, 0)
-                def add(mod, inp, out):
-                    x = inp[0].reshape(-1, inp[0].shape[-1]).float(); k = id(mod)
+                def add(mod, inp, out): # accumulated in float64: a sum of thousands of outer products
+                    x = inp[0].reshape(-1, inp[0].shape[-1]).double(); k = id(mod)
                     H, n = self._hessians[k], counts[k]
                     H.mul_(n / (n + len(x))).add_(2 * x.T @ x / (n + len(x))); counts[k] = n + len(x)
                 hooks = [m.register_forward_hook(add) for m in lins.values()]

@@ -144,14 +144,11 @@ HEADLINE_COLUMNS = ['method', 'family', 'ppl', 'kl', 'top1', 'weight_bytes', 'kv
 def headline(tokens:int=2048, # tokens of the eval split
              methods:list|None=None, # default: `headline_methods()`
              name:str='headline', root=None, progress=True) -> pd.DataFrame:
-    "Run the headline study on SmolLM2 (cached and resumable), on one CPU thread so it reproduces to the digit, and return its rows."
-    import torch
+    "Run the headline study on SmolLM2 (cached and resumable) and return its rows."
     from workbench.study import Study
     from workbench.tasks import Perplexity
     task = Perplexity(tokens=tokens, window=min(512, tokens), chunk=128)
-    threads = torch.get_num_threads(); torch.set_num_threads(1) # GPTQ at 3 bits moves with the summation order (see above)
-    try: return Study('smollm2-135m', methods or headline_methods(), task, name=name, root=root).run(progress=progress)
-    finally: torch.set_num_threads(threads)
+    return Study('smollm2-135m', methods or headline_methods(), task, name=name, root=root).run(progress=progress)
 
 def headline_chart(df:pd.DataFrame) -> go.Figure:
     "Perplexity (log axis) against total bytes held, coloured by family, with the Pareto frontier across families."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_quant.ipynb #8cf4f8cc
 from __future__ import annotations
-import math, re
+import copy, math, re
 from contextlib import contextmanager
 from dataclasses import dataclass
 import torch, torch.nn.functional as F
@@ -16,8 +16,8 @@ from .ledger import weight_bytes
 # %% auto #0
 __all__ = ['BLOCK_NAME', 'LAYER_SETS', 'one_thread', 'pack', 'unpack', 'groups_of', 'expand', 'dequantize', 'Quantized',
            'PackedLinear', 'QuantLinear', 'in_blocks', 'quant_knobs', 'targets', 'WeightQuant', 'RTN', 'shrink_lp',
-           'HQQ', 'calib_batches', 'block_list', 'hidden_out', 'block_inputs', 'gptq_quantize', 'GPTQ', 'kmeans_1d',
-           'PaletteLinear', 'KMeans']
+           'HQQ', 'calib_batches', 'block_list', 'hidden_out', 'to_float64', 'RMSNorm64', 'as_float64_norm',
+           'float64_copy', 'block_inputs', 'gptq_quantize', 'GPTQ', 'kmeans_1d', 'PaletteLinear', 'KMeans']
 
 # %% ../nbs/10_quant.ipynb #5bd23563
 @contextmanager
@@ -211,7 +211,8 @@ def shrink_lp(x:torch.Tensor, beta:float, p:float) -> torch.Tensor:
 class HQQ(WeightQuant):
     "Half-quadratic optimization of the offset (zero point) per group, with an lp (p < 1) error norm."
     knobs = quant_knobs() + (Knob('lp', 0.7, low=0.1, high=1.0, doc='p of the lp norm of the error'),
-                             Knob('iters', 20, low=1, high=200, doc='half-quadratic iterations'))
+                             Knob('iters', 20, low=1, high=200, doc='half-quadratic iterations'),
+                             Knob('zero_init', 'range', choices=('range', 'rounded'), doc='first offset: the group minimum, or moved to a whole number of steps (0 on the grid)'))
     beta, kappa = 10.0, 1.01 # initial penalty and its growth per iteration (HQQ's defaults)
     def validate(self):
         super().validate()
@@ -219,6 +220,7 @@ class HQQ(WeightQuant):
     def choose(self, g):
         s, m = super().choose(g) # the range gives the scale (kept) and the first offset
         s = s.clamp(min=2 ** -24).half().float() # optimize against the scale that is stored
+        if self.zero_init == 'rounded': m = -(-m / s).round() * s # 0 on the grid: a whole number of steps below 0
         with one_thread(): return s, self.optimize_offset(g, s, m)
 
     def optimize_offset(self, g, s, m):
@@ -258,6 +260,34 @@ def block_list(model:nn.Module) -> tuple:
     raise WorkbenchError(f"no list of {n} transformer blocks found in {type(model).__name__}")
 
 def hidden_out(out): return out[0] if isinstance(out, (tuple, list)) else out
+
+def to_float64(x):
+    "`x` with every floating-point tensor in it (nested in tuples, lists and dicts) cast to float64."
+    if isinstance(x, torch.Tensor): return x.double() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)): return type(x)(to_float64(v) for v in x)
+    if isinstance(x, dict): return {k: to_float64(v) for k, v in x.items()}
+    return x
+
+class RMSNorm64(nn.Module):
+    "An RMS norm computed in its input's dtype (transformers' RMS norms compute in float32 whatever the input)."
+    def __init__(self, weight:torch.Tensor, eps:float, shift:float): # shift 1: Gemma's `(1 + weight)` scaling
+        super().__init__(); self.weight, self.eps, self.shift = weight, eps, shift
+    def forward(self, x): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (self.shift + self.weight)
+
+def as_float64_norm(m:nn.Module) -> nn.Module:
+    "`RMSNorm64` doing what RMS norm `m` does (checked on random input), or `m` itself when neither variant matches."
+    eps = getattr(m, 'variance_epsilon', getattr(m, 'eps', None))
+    x = torch.randn(3, m.weight.shape[-1], dtype=m.weight.dtype, generator=torch.Generator().manual_seed(0))
+    for shift in (0.0, 1.0):
+        n = RMSNorm64(m.weight, eps, shift)
+        if eps is not None and torch.allclose(n(x), m(x), rtol=1e-5, atol=1e-6): return n
+    return m
+
+def float64_copy(block:nn.Module) -> nn.Module:
+    "A copy of `block` in which every operation runs in float64, its RMS norms included."
+    b = copy.deepcopy(block).double()
+    swap_modules(b, as_float64_norm, lambda n, m: type(m).__name__.endswith('RMSNorm') and hasattr(m, 'weight'))
+    return b
 
 @torch.no_grad()
 def block_inputs(lm:LM, batches:list) -> tuple:
@@ -334,24 +364,28 @@ class GPTQ(WeightQuant):
     @torch.no_grad()
     def install(self, lm:LM):
         prefix, blocks = block_list(lm.model)
-        hidden, calls = block_inputs(lm, calib_batches(lm, self.calib_tokens, self.window))
+        hidden, calls = to_float64(block_inputs(lm, calib_batches(lm, self.calib_tokens, self.window)))
         undos = []
         try:
             for i, (block, call) in enumerate(zip(blocks, calls)):
-                lins = {n: m for n, m in lm.model.named_modules() if n.startswith(f'{prefix}.{i}.') and self.selects(n, m)}
+                lins = {n: m for n, m in block.named_modules() if self.selects(f'{prefix}.{i}.{n}', m)}
+                b64 = float64_copy(block) # the calibration copy: every sum in float64, whatever the kernels
                 self._hessians = {id(m): torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in lins.values()}
                 counts = dict.fromkeys(self._hessians, 0)
-                def add(mod, inp, out): # accumulated in float64: a sum of thousands of outer products
-                    x = inp[0].reshape(-1, inp[0].shape[-1]).double(); k = id(mod)
-                    H, n = self._hessians[k], counts[k]
-                    H.mul_(n / (n + len(x))).add_(2 * x.T @ x / (n + len(x))); counts[k] = n + len(x)
-                hooks = [m.register_forward_hook(add) for m in lins.values()]
+                def add(k): # running mean of 2 x^T x over the calibration tokens
+                    def hook(mod, inp, out):
+                        x = inp[0].reshape(-1, inp[0].shape[-1]); H, n = self._hessians[k], counts[k]
+                        H.mul_(n / (n + len(x))).add_(2 * x.T @ x / (n + len(x))); counts[k] = n + len(x)
+                    return hook
+                hooks = [b64.get_submodule(n).register_forward_hook(add(id(m))) for n, m in lins.items()]
                 try:
-                    for h, (a, kw) in zip(hidden, call): block(h, *a, **kw)
+                    for h, (a, kw) in zip(hidden, call): b64(h, *a, **kw)
                 finally:
                     for hk in hooks: hk.remove()
-                undos.append(swap_modules(lm.model, lambda m: QuantLinear(m, self.quantize(m.weight, m)), lambda n, m: n in lins))
-                hidden = [hidden_out(block(h, *a, **kw)) for h, (a, kw) in zip(hidden, call)]
+                q = {id(m): QuantLinear(m, self.quantize(m.weight, m)) for m in lins.values()}
+                undos.append(swap_modules(block, lambda m: q[id(m)], lambda n, m: n in lins))
+                for n, m in lins.items(): b64.get_submodule(n).weight.copy_(q[id(m)].dequantize()) # the next block's inputs
+                hidden = [hidden_out(b64(h, *a, **kw)) for h, (a, kw) in zip(hidden, call)]
         except BaseException:
             for u in reversed(undos): u()
             raise

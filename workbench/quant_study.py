@@ -13,14 +13,15 @@ from .core import LM, Knob, WorkbenchError
 from .methods import swap_modules
 from .ledger import weight_bytes, storage_bytes
 from .quant import (RTN, HQQ, GPTQ, KMeans, WeightQuant, PackedLinear, QuantLinear, LAYER_SETS, BLOCK_NAME,
-                             block_list, block_inputs, calib_batches, hidden_out, in_blocks, pack, targets, unpack)
+                             block_list, block_inputs, calib_batches, hidden_out, in_blocks, one_thread, pack, shrink_lp, targets, unpack)
 
 # %% auto #0
 __all__ = ['units_of', 'block_index', 'Passthrough', 'start_at', 'model_output', 'divergence', 'fake_quantized', 'sensitivity',
            'check_budget', 'allocate', 'MixedPrecision', 'residual_stack', 'StackLinear', 'BitStack', 'QuantoPeer',
-           'HQQPeer', 'peers_available', 'quantized_weights', 'measure', 'layer_table', 'layer_heatmap', 'smollm2_grid',
-           'minilm_grid', 'quant_study', 'bench_configs', 'bench_quant', 'bench_matmul', 'output_change',
-           'explore_quant', 'quant_explorer']
+           'HQQPeer', 'hqq_library_linear', 'peers_available', 'shrink_lp_library', 'HQQVariant', 'library_ingredients',
+           'quantized_weights', 'measure', 'hqq_layer_errors', 'hqq_ablation', 'layer_table', 'layer_heatmap',
+           'smollm2_grid', 'minilm_grid', 'quant_study', 'bench_configs', 'bench_quant', 'bench_matmul',
+           'output_change', 'explore_quant', 'quant_explorer']
 
 # %% ../nbs/11_quant_study.ipynb #9722ddc4
 def units_of(model:nn.Module, select, unit:str='sublayer') -> dict:
@@ -307,17 +308,118 @@ class HQQPeer(WeightQuant):
              Knob('layers', 'blocks', choices=LAYER_SETS, doc='which Linear layers'))
     def validate(self): pass
     def install(self, lm):
-        try: from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+        try: import hqq.core.quantize
         except ImportError: raise WorkbenchError("HQQPeer needs the hqq library: pip install hqq") from None
-        cfg = BaseQuantizeConfig(nbits=self.bits, group_size=self.group_size)
-        # hqq deletes the weights of the layer it is given: give it a copy, the original stays aside for the undo
-        return swap_modules(lm.model, lambda m: HQQLinear(copy.deepcopy(m), cfg, del_orig=True, compute_dtype=torch.float32, device='cpu'), self.selects)
+        return swap_modules(lm.model, lambda m: hqq_library_linear(m, self.bits, self.group_size), self.selects)
+
+def hqq_library_linear(lin:nn.Linear, bits:int, group_size:int):
+    "The hqq library's `HQQLinear` of a copy of `lin` (its defaults: `BaseQuantizeConfig`, fp32 compute on the CPU)."
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    # hqq deletes the weights of the layer it is given: give it a copy, the original stays aside for the undo
+    return HQQLinear(copy.deepcopy(lin), BaseQuantizeConfig(nbits=bits, group_size=group_size), del_orig=True,
+                     compute_dtype=torch.float32, device='cpu')
 
 def peers_available() -> dict:
     "Which optional peer libraries are importable."
     import importlib.util
     return {'optimum-quanto': importlib.util.find_spec('optimum') is not None and importlib.util.find_spec('optimum.quanto') is not None,
             'hqq': importlib.util.find_spec('hqq') is not None}
+
+# %% ../nbs/11_quant_study.ipynb #a7c1e0d2
+def shrink_lp_library(x:torch.Tensor, beta:float, p:float) -> torch.Tensor:
+    "The library's form of `shrink_lp`: the same operator, multiplied by `1 / beta` (other float rounding)."
+    a = x.abs()
+    return (a - (1.0 / beta) * a.pow(p - 1)).clamp_min(0) * torch.sign(x)
+
+class HQQVariant(HQQ):
+    "Our HQQ with one knob per ingredient where the `hqq` library differs (fake-quantized in place, for the ablation)."
+    knobs = HQQ.knobs + (
+        Knob('domain', 'value', choices=('value', 'code'),
+             doc="offset in weight units, our arithmetic; or zero in code units from an inverse scale, the library's"),
+        Knob('opt_scale', 'fp16', choices=('fp16', 'fp32'),
+             doc='scale the iterations use: rounded to fp16 as stored (ours) or fp32 (the library)'),
+        Knob('beta_growth', True, doc='beta grows by kappa every iteration (ours, the paper) or stays (the library)'),
+        Knob('stop', 'best', choices=('best', 'library'),
+             doc='keep the best offset seen per group (ours) or the update after the last step (the library)'),
+        Knob('storage', 'fp16', choices=('fp16', 'fp32'), doc='precision of the stored scale and offset'))
+    simulated = True # fp32 storage and zeros in code units do not fit QuantLinear: weights are fake-quantized in place
+
+    def validate(self):
+        super().validate()
+        if self.granularity != 'group':
+            raise WorkbenchError(f"HQQVariant needs granularity='group' (got {self.granularity!r})")
+
+    def fake_quant(self, w:torch.Tensor) -> torch.Tensor:
+        w = w.detach().float()
+        if w.shape[1] % self.group_size:
+            raise WorkbenchError(f"HQQVariant needs group_size={self.group_size} to divide the {w.shape[1]} inputs")
+        with one_thread(): return self.fit(w.reshape(-1, self.group_size)).reshape(w.shape)
+
+    def fit(self, W:torch.Tensor) -> torch.Tensor:
+        "Groups `W` `[groups, group_size]` rebuilt: first scale and zero, iterations, storage, codes."
+        maxq, lo, hi = self.maxq, W.amin(1, keepdim=True), W.amax(1, keepdim=True)
+        if self.domain == 'code': # the library: inverse scale si, zero z; codes round(W si + z), rebuilt (q - z) / si
+            span = hi - lo
+            si = torch.where(span.abs() <= 1e-4, torch.ones_like(span), maxq / span).clamp(max=2e4)
+            if self.opt_scale == 'fp16': si = 1 / (1 / si).half().float()
+            x = -lo * si
+            if self.zero_init == 'rounded': x = x.round()
+            codes = lambda x: (W * si + x).round().clamp(0, maxq)
+            residual = lambda q, x: W - (q - x) / si
+            update = lambda q, e, x: (q - (W - e) * si).mean(1, keepdim=True)
+            shrink = shrink_lp_library
+        else: # ours: scale s, offset m; codes round((W - m) / s), rebuilt codes * s + m
+            s = (hi - lo) / maxq
+            if self.opt_scale == 'fp16': s = s.clamp(min=2 ** -24).half().float()
+            x = lo if self.zero_init == 'range' else -(-lo / s).round() * s
+            codes = lambda x: ((W - x) / s).round().clamp(0, maxq)
+            residual = lambda q, x: W - q * s - x
+            update = lambda q, e, x: (W - e - q * s).mean(1, keepdim=True)
+            shrink = shrink_lp
+        x = self.iterate(x, codes, residual, update, shrink)
+        dt = torch.float16 if self.storage == 'fp16' else torch.float32
+        if self.domain == 'code':
+            z, sc = x.to(dt).float(), (1 / si).to(dt).float()
+            return ((W * si + z).round().clamp(0, maxq) - z) * sc
+        s, m = s.clamp(min=2 ** -24).to(dt).float(), x.to(dt).float()
+        return ((W - m) / s).round().clamp(0, maxq) * s + m
+
+    def iterate(self, x, codes, residual, update, shrink):
+        "Half-quadratic iterations on the offset (or zero) `x` `[groups, 1]`: this variant's schedule and stop."
+        beta, best, best_err, total = self.beta, x, torch.full_like(x, math.inf), math.inf
+        for _ in range(self.iters):
+            q = codes(x); r = residual(q, x)
+            if self.stop == 'best': # ours: the best offset seen per group; stop when the total error stops falling
+                err = r.abs().mean(1, keepdim=True)
+                better = err < best_err
+                best, best_err = torch.where(better, x, best), torch.where(better, err, best_err)
+                if err.sum().item() >= total: break
+                total = err.sum().item()
+                x = update(q, shrink(r, beta, self.lp), x)
+            else: # the library: update, then stop when the error before the update stopped falling; keep the update
+                x = update(q, shrink(r, beta, self.lp), x)
+                err = r.abs().mean().item()
+                if err >= total: break
+                total = err
+            if self.beta_growth: beta *= self.kappa
+        return best if self.stop == 'best' else x
+
+    def install(self, lm:LM):
+        mods = [lm.model.get_submodule(n) for n, o, i in targets(lm.model, self.selects)]
+        saved = [m.weight.data for m in mods]
+        for m in mods: m.weight.data = self.fake_quant(m.weight.data)
+        def undo():
+            for m, w in zip(mods, saved): m.weight.data = w
+        return undo
+
+    def layer_bytes(self, out:int, n:int, name:str=None) -> float:
+        "Bytes of the format: codes, and a scale and an offset per group in the storage precision."
+        return out * n * self.bits / 8 + out * math.ceil(n / self.group_size) * 2 * (2 if self.storage == 'fp16' else 4)
+
+def library_ingredients(bits:int) -> dict:
+    "The knobs of `HQQVariant` that make it the hqq library's `HQQLinear` (`BaseQuantizeConfig` defaults, fp32)."
+    return dict(zero_init='rounded' if bits == 4 else 'range', # BaseQuantizeConfig: round_zero=True for nbits=4 only
+                domain='code', opt_scale='fp32', beta_growth=False, stop='library', storage='fp32')
 
 # %% ../nbs/11_quant_study.ipynb #0623d03e
 def quantized_weights(lm:LM, method) -> int:
@@ -339,6 +441,51 @@ def measure(lm:LM, method, task, ref=None, base_bytes:int=None) -> dict:
     theory = method.theory(lm, {'weights': base_bytes, 'kv': 0})['weights'] if getattr(method, 'theory', None) else None
     return dict(method=method.name, **metrics, weight_bytes=held, weight_bytes_theory=theory,
                 bits_per_weight=(held - (base_bytes - 4 * n)) * 8 / n, quantize_s=t1 - t0, eval_s=t2 - t1)
+
+# %% ../nbs/11_quant_study.ipynb #a7c1e0d3
+@torch.no_grad()
+def hqq_layer_errors(lm:LM, bits:int, group_size:int=64, # the library's setting
+                     every:int=1) -> pd.DataFrame: # every n-th quantized layer (1: all)
+    "Per layer: relative weight error of our HQQ and the library, their ratio - 1, whether `HQQVariant` is the library."
+    rows = []
+    for n, o, i in targets(lm.model, in_blocks)[::every]:
+        lin = lm.model.get_submodule(n); w = lin.weight.detach().float()
+        ours = HQQ(bits=bits, group_size=group_size).fake_quant(w)
+        lib = hqq_library_linear(lin, bits, group_size).dequantize().float()
+        mimic = HQQVariant(bits=bits, group_size=group_size, **library_ingredients(bits)).fake_quant(w)
+        e_ours, e_lib = ((ours - w).norm() / w.norm()).item(), ((lib - w).norm() / w.norm()).item()
+        rows.append(dict(layer=n, bits=bits, ours=e_ours, library=e_lib, ratio_minus_1=e_ours / e_lib - 1,
+                         variant_is_library=torch.equal(mimic, lib))) # bit for bit
+    return pd.DataFrame(rows)
+
+def hqq_ablation(lm:LM, bits:int, task, group_size:int=64, ref=None, progress=print) -> pd.DataFrame:
+    "`task`'s metrics of ours, the library's recipe, and each with one ingredient swapped; the library itself last."
+    lib = library_ingredients(bits)
+    ours = {k.name: k.default for k in HQQVariant.knobs if k.name in lib}
+    runs = [('ours', '-', {}), ('library recipe', '-', lib)]
+    for k in lib:
+        if lib[k] != ours[k]: a, b = lib[k], ours[k] # each side takes the other's
+        elif k == 'zero_init': a = b = 'rounded' # at 3 bits both start from the range: both try the rounded start
+        else: continue
+        runs += [(f'ours, {k}={a}', k, {k: a}), (f'library, {k}={b}', k, {**lib, k: b})]
+    ref = ref if ref is not None else task.reference(lm)
+    n = quantized_weights(lm, HQQ())
+    rows = []
+    for label, ingredient, kw in runs:
+        m = HQQVariant(bits=bits, group_size=group_size, **kw)
+        t0 = time.perf_counter(); undo = m.install(lm)
+        try: r = task.run(lm, ref)
+        finally: undo()
+        held = sum(m.layer_bytes(o, i) for _, o, i in targets(lm.model, m.selects))
+        rows.append(dict(variant=label, swapped=ingredient, bits=bits, ppl=r['ppl'], kl=r['kl'], top1=r['top1'],
+                         bits_per_weight=held * 8 / n, wall_s=time.perf_counter() - t0))
+        if progress: progress(f"{label}: ppl {r['ppl']:.3f}")
+    if peers_available()['hqq']:
+        r = measure(lm, HQQPeer(bits=bits, group_size=group_size), task, ref)
+        rows.append(dict(variant='the hqq library (HQQLinear)', swapped='-', bits=bits, ppl=r['ppl'], kl=r['kl'],
+                         top1=r['top1'],
+                         bits_per_weight=r['bits_per_weight'], wall_s=r['quantize_s'] + r['eval_s']))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/11_quant_study.ipynb #b176f4f3
 @torch.no_grad()
@@ -392,6 +539,7 @@ def bench_configs(peers:bool=True) -> list:
     "Ours and (when installed) the peers at matching settings."
     ours = [RTN(bits=8, granularity='channel', symmetric=True), RTN(bits=4, group_size=128), HQQ(bits=4, group_size=128), GPTQ(bits=4, group_size=128)]
     ours += [cls(bits=b, group_size=64) for b in (4, 3) for cls in (RTN, HQQ, GPTQ)]
+    ours += [HQQ(bits=b, group_size=64, zero_init='rounded') for b in (4, 3)] # the library's first zero (it rounds at 4 bits)
     have = peers_available() if peers else {}
     theirs = ([QuantoPeer(weights='qint8'), QuantoPeer(weights='qint4')] if have.get('optimum-quanto') else []) + \
              ([HQQPeer(bits=4, group_size=64), HQQPeer(bits=3, group_size=64)] if have.get('hqq') else [])

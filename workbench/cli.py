@@ -12,9 +12,9 @@ from .core import WorkbenchError, check_choice
 from .models import cache_dir
 
 # %% auto #0
-__all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'BENCHES', 'regression_notebooks',
-           'compare', 'environment', 'run_regression', 'regress', 'tolerance', 'calibrate', 'demo', 'bench_eval',
-           'bench_function', 'parser', 'main']
+__all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'FLOOR', 'BENCHES',
+           'regression_notebooks', 'compare', 'environment', 'run_regression', 'regress', 'tolerance', 'calibrated',
+           'calibrate', 'demo', 'bench_eval', 'bench_function', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -84,28 +84,36 @@ def regress(names=None, profile:str='smoke', update_baseline:bool=False, out_dir
     return pd.concat(tables, ignore_index=True)[['notebook', 'profile', 'metric', 'baseline', 'value', 'tol', 'diff', 'drift']]
 
 # %% ../nbs/09_cli.ipynb #c4a1b7e3
+FLOOR = 3e-5 # relative: 3 x 1e-5, the measured kernel-to-kernel change of a float32 perplexity (7.6e-6)
+
 def tolerance(values:list, # one metric's values under each setting
               margin:float=3.0) -> float: # how many spreads of room
-    "A metric's tolerance: `margin` times the spread of `values`, never below 1e-6 relative for a non-integer."
+    "A metric's tolerance: `margin` times the spread of `values`, never below `FLOOR` relative for a non-integer."
     spread = max(values) - min(values)
-    floor = 0 if all(float(v).is_integer() for v in values) else 1e-6 * max(abs(v) for v in values)
+    floor = 0 if all(float(v).is_integer() for v in values) else FLOOR * max(abs(v) for v in values)
     return max(margin * spread, floor)
+
+def calibrated(runs:dict, # setting -> the metrics a notebook wrote under it
+               margin:float=3.0) -> dict:
+    "A baseline from runs under several settings: each metric's median, spread, tolerance and the value of each run."
+    keys = set.union(*(set(r) for r in runs.values()))
+    missing = {s: sorted(keys - set(r)) for s, r in runs.items() if keys - set(r)}
+    if missing: raise WorkbenchError(f"the runs wrote different metrics under different settings: missing {missing}")
+    base = {}
+    for k in sorted(keys):
+        vals = [r[k]['value'] for r in runs.values()]
+        base[k] = dict(value=statistics.median(vals), tol=tolerance(vals, margin), spread=max(vals) - min(vals),
+                       margin=margin, runs=dict(zip(runs, vals)))
+    return base
 
 def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0, settings:dict=SETTINGS) -> pd.DataFrame:
     "Run notebooks under every setting, write baselines with the median value and the tolerance from the measured spread."
     out_dir, rows = Path(out_dir or cache_dir()/'calibrate'), []
     for name in names or list(regression_notebooks()):
         runs = {s: run_regression(name, profile, out_dir/s.replace(' ', '_'), **kw) for s, kw in settings.items()}
-        keys = set.union(*(set(r) for r in runs.values()))
-        missing = {s: sorted(keys - set(r)) for s, r in runs.items() if keys - set(r)}
-        if missing: raise WorkbenchError(f"{name} ({profile}) wrote different metrics under different settings: missing {missing}")
-        base = {}
-        for k in sorted(keys):
-            vals = [r[k]['value'] for r in runs.values()]
-            base[k] = dict(value=statistics.median(vals), tol=tolerance(vals, margin), spread=max(vals) - min(vals),
-                           margin=margin, runs=dict(zip(runs, vals)))
-            rows.append(dict(notebook=name, profile=profile, metric=k, **{x: base[k][x] for x in ('value', 'spread', 'tol')}))
+        base = calibrated(runs, margin)
         _write_baseline(name, profile, base)
+        rows += [dict(notebook=name, profile=profile, metric=k, **{x: b[x] for x in ('value', 'spread', 'tol')}) for k, b in base.items()]
     return pd.DataFrame(rows)
 
 # %% ../nbs/09_cli.ipynb #0fcb34b1

@@ -2,7 +2,8 @@
 import math, pytest, torch, torch.nn.functional as F
 from torch import nn
 from workbench.core import WorkbenchError, stack
-from workbench.kv import (KIVI, H2O, KVLayer, PyramidKV, RandomEvict, RecentOnly, SirLLM, SnapKV, StreamingLLM, ThinK, TOVA,
+from workbench.kv import (KIVI, H2O, KVLayer, PyramidKV, pyramid_budgets, RandomEvict,
+                          RecentOnly, SirLLM, SnapKV, StreamingLLM, ThinK, TOVA,
                           KiviStore, evicted_mask, kv_cache, attention_modules)
 from workbench.ledger import cache_bytes
 from workbench.models import tiny_lm, facts
@@ -75,11 +76,46 @@ def test_snapkv_keeps_the_top_pooled_window_attention():
     with m.apply(t): _, cache, _ = forward_cached(t, X[:, :T])
     for i, a in enumerate(att):
         votes = a[0, :, -w:].sum(1).view(2, 2, T).mean(1) # [kv heads, T]: query heads 0,1 -> kv head 0; 2,3 -> kv head 1
-        pooled = F.max_pool1d(votes[:, None], 3, stride=1, padding=1)[:, 0]
+        pooled = F.max_pool1d(votes[:, None, :-w], 3, stride=1, padding=1)[:, 0] # pooled over the tokens before the window only
         kept = torch.zeros(2, T, dtype=torch.bool).scatter_(1, cache.layers[i].positions[0].long(), True)
         assert kept[:, -w:].all() and kept.sum(1).tolist() == [budget, budget] # the window is kept
         for h in range(2): # every kept token outscores every evicted one (up to float ties: random weights tie often)
-            assert pooled[h, :-w][kept[h, :-w]].min() >= pooled[h][~kept[h]].max() - 1e-6, (i, h)
+            assert pooled[h][kept[h, :-w]].min() >= pooled[h][~kept[h, :-w]].max() - 1e-6, (i, h)
+
+def reference_pyramid(max_capacity_prompt, window_size, q_len, num_hidden_layers, layer_idx, beta=20):
+    "Tokens layer `layer_idx` keeps in PyramidKVCluster.update_kv (Zefan-Cai/KVCache-Factory, pyramidkv/pyramidkv_utils.py)."
+    min_num = (max_capacity_prompt - window_size) // beta
+    max_num = (max_capacity_prompt - window_size) * 2 - min_num
+    if max_num >= q_len - window_size:
+        max_num = q_len - window_size
+        min_num = (max_capacity_prompt - window_size) * 2 - max_num
+    steps = (max_num - min_num) // (num_hidden_layers - 1)
+    capacity = max_num - layer_idx * steps
+    if q_len < max_capacity_prompt: return q_len # kept whole
+    if q_len < (max_capacity_prompt - window_size) * 2: return max_capacity_prompt - window_size + window_size
+    return capacity + window_size # top-`capacity` scored tokens plus the window
+
+@pytest.mark.parametrize('seen', [512, 2048, 300])
+def test_pyramidkv_schedule_is_the_authors(seen):
+    "PyramidKV's per-layer budgets on a 30-layer model at 50/75/90% equal PyramidKVCluster's arithmetic (integer steps too)."
+    class L: pass
+    t30 = tiny_lm('llama', layers=30)
+    for ratio in (0.5, 0.75, 0.9, 0.25, 0.45): # 0.25: uniform branch; 0.45 at 512: the bottom layer capped at the tokens seen
+        m, b = PyramidKV(ratio=ratio, window=32), math.ceil((1 - ratio) * seen)
+        got = []
+        for i in range(30):
+            l = L(); l.index, l.n_layers = i, 30
+            got.append(m.layout(l, seen))
+        if b <= 32: # the authors' code asserts budget > window; we fall back to SnapKV's uniform budget
+            assert got == [(b, min(32, b // 2))] * 30; continue
+        want = [reference_pyramid(b, 32, seen, 30, i) for i in range(30)]
+        assert [g[0] for g in got] == want, (ratio, seen)
+        assert all(g[1] == 32 for g in got) # the whole observation window in every layer
+        base = {'kv': seen * 30 * 2 * 16 * 2 * 4} # 30 layers, 2 KV heads of 16 channels, K and V in fp32
+        assert m.theory(t30, base)['kv'] == round(base['kv'] * sum(want) / (30 * seen)) # the sum of the actual budgets
+    assert reference_pyramid(52, 32, 512, 30, 29) == 42 # 90% of 512 tokens: the top layer keeps 10 scored + the window
+    capped = pyramid_budgets(282, 32, 512, 30)
+    assert capped[0] == 512 and sum(capped) >= 30 * 282 # the bottom capped at what it saw, the rest redistributed
 
 def test_kivi_bytes_are_packed_and_exact():
     t = tiny_lm('llama') # 4 layers, 2 KV heads, head_dim 16
@@ -166,3 +202,31 @@ def test_smollm2_claims_quick():
     assert run(StreamingLLM(ratio=0.5, sinks=4))['ppl'] < 0.5 * run(StreamingLLM(ratio=0.5, sinks=0))['ppl']
     assert run(H2O(ratio=0.5))['ppl'] < run(RecentOnly(ratio=0.5))['ppl']
     assert run(KIVI(bits=2, residual=32))['kl'] < run(KIVI(bits=2, residual=32, keys='token'))['kl']
+
+@pytest.mark.parametrize('bits', [2, 4])
+@pytest.mark.parametrize('group', [8, 16])
+def test_kivi_equals_transformers_quanto_cache(bits, group):
+    "KIVI's dequantized K/V equal transformers' QuantizedCache(quanto) where settings coincide (keys: axis -1, values: axis 0)."
+    pytest.importorskip('optimum.quanto')
+    from transformers.cache_utils import QuantoQuantizedLayer
+    from workbench.kv import unpack
+    t = tiny_lm('llama') # head_dim 16
+    _, full, _ = forward_cached(t, X) # 48 tokens: a multiple of the group
+    for l in full.layers:
+        q = QuantoQuantizedLayer(nbits=bits, axis_key=-1, axis_value=0, q_group_size=group, residual_length=128)
+        q.update(l.keys, l.values)
+        want = q._dequantize(q._quantized_keys), q._dequantize(q._quantized_values)
+        exact = KiviStore(bits, group, residual=0, keys='channel', scale_dtype=torch.float32)
+        exact.append(l.keys, l.values)
+        for got, w in zip(exact.read(), want): assert (got - w).abs().max().item() <= 1e-6 # fp32 scales: same numbers
+        kivi = KiviStore(bits, group, residual=0, keys='channel'); kivi.append(l.keys, l.values) # fp16 scales and zeros
+        moved = sum((unpack(a, bits) != unpack(b, bits)).float().mean().item()
+                    for a, b in ((kivi.kq, exact.kq), (kivi.vq, exact.vq))) / 2
+        assert moved < 0.02 # only codes at a rounding boundary move
+        for got, w, x in zip(kivi.read(), want, (l.keys, l.values)):
+            assert abs((got - x).norm() / (w - x).norm() - 1) < 0.02 # the same reconstruction error
+    q = QuantoQuantizedLayer(nbits=bits, q_group_size=group) # default axis_key=0: keys per token, KIVI's keys='token'
+    q.update(full.layers[0].keys, full.layers[0].values)
+    st = KiviStore(bits, group, residual=0, keys='token', scale_dtype=torch.float32)
+    st.append(full.layers[0].keys, full.layers[0].values)
+    assert torch.equal(st.read()[0], q._dequantize(q._quantized_keys))

@@ -1,10 +1,13 @@
-"kvpress side by side: the needles sent to kvpress's environment are KVNeedle's, a missing environment names its install command, the worker stays free of workbench, and (slow, when the environment exists) the worker runs."
+"""kvpress side by side: the kept positions agree with kvpress's presses (slow), the needles sent to kvpress's
+environment are KVNeedle's, a missing environment names its install command, the worker stays free of workbench,
+and (slow, when the environment exists) the worker runs."""
 import ast, json, pytest, torch
 from pathlib import Path
 import workbench.kv_study as kv_study
 from workbench.core import LM, WorkbenchError
 from workbench.data import make_needle
-from workbench.kv_peers import (bench_kvpress, install_kvpress_env, kv_needles, kvpress_env, kvpress_python, kvpress_table, smollm2_folder)
+from workbench.kv_peers import (bench_kvpress, install_kvpress_env, kept_agreement, kept_cross_check, kept_pairs, kv_needles,
+                                kvpress_env, kvpress_python, kvpress_table, smollm2_folder)
 
 @pytest.fixture(scope='module')
 def tok():
@@ -75,3 +78,25 @@ def test_worker_runs_when_env_exists():
     assert df.kept_tokens.tolist() == [512, 128, 128]
     assert (df.kv_compressed[1:] * 4 == df.kv_compressed[0]).all() # 30 layers x 3 heads x 64 x fp32 per kept token
     assert df.attrs['versions']['kvpress'] == '0.5.5'
+
+def test_kept_agreement_counts():
+    a, b = [[[0, 1, 2], [0, 3, 4]], [[5, 6], [5, 7]]], [[[0, 1, 2], [0, 3, 5]], [[5, 6], [6, 7]]]
+    r = kept_agreement(a, b)
+    assert r['identical'] == 0.5 and r['min_overlap'] == 0.5 and r['worst'] == 'L1.h1' and r['unmatched'] == 0
+    assert kept_agreement(a, [[[0, 1, -1], [0, 3, 4]], [[5, 6], [5, 7]]])['unmatched'] == 1
+    assert [m.tokens for *_, m in kept_pairs(1000, (0.75,))] == [250, 250, 250] # kvpress's floor, not our ceiling
+
+@pytest.mark.slow
+def test_kept_positions_equal_kvpress():
+    "Our StreamingLLM, SnapKV (kvpress's window 64, avg pooling 5) and TOVA keep what kvpress's presses keep, per layer and head."
+    try: kvpress_python()
+    except WorkbenchError as e: pytest.skip(str(e))
+    from workbench.data import split_ids
+    from workbench.models import load
+    lm = load('smollm2-135m')
+    df = kept_cross_check(split_ids(lm.tokenizer, 'eval', 1024).tolist(), ratios=(0.5, 0.75), lm=lm, progress=False)
+    assert (df.unmatched == 0).all() # every kept key was found among the uncompressed prefill's keys
+    assert (df[df.press == 'StreamingLLM'].identical == 1).all()
+    # up to float near-ties (measured: identical in every layer and head; SnapKV pooling its votes over the window
+    # too, as ours once did, gives 0.82 identical at 0.75)
+    assert (df.identical >= 0.95).all() and (df.overlap > 0.99).all(), df

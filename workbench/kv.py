@@ -17,7 +17,7 @@ from .ledger import cache_bytes
 __all__ = ['BITS', 'BUDGET_KNOBS', 'pack', 'unpack', 'quantize', 'dequantize', 'gather_tokens', 'FullStore', 'KiviStore',
            'query_support', 'queries', 'attention_probs', 'KVLayer', 'choose', 'attention_modules', 'KVMethod',
            'kv_cache', 'KIVI', 'Evict', 'StreamingLLM', 'RecentOnly', 'RandomEvict', 'H2O', 'SnapKV', 'TOVA', 'SirLLM',
-           'PyramidKV', 'ThinKStore', 'ThinK', 'evicted_mask']
+           'pyramid_budgets', 'PyramidKV', 'ThinKStore', 'ThinK', 'evicted_mask']
 
 # %% ../nbs/20_kv.ipynb #eeebea6f
 BITS = (2, 4, 8)
@@ -35,10 +35,10 @@ def unpack(packed:torch.Tensor, bits:int) -> torch.Tensor:
     mask = (1 << bits) - 1
     return torch.stack([(packed >> (i * bits)) & mask for i in range(8 // bits)], -1).flatten(-2)
 
-def quantize(x:torch.Tensor, bits:int, dim:int):
-    "Asymmetric quantization of `x` with one scale and zero per slice along `dim`: (codes uint8, scale fp16, zero fp16)."
+def quantize(x:torch.Tensor, bits:int, dim:int, dtype=torch.float16):
+    "Asymmetric quantization of `x` with one scale and zero per slice along `dim`: (codes uint8, scale, zero in `dtype`)."
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    scale, zero = ((hi - lo) / (2**bits - 1)).half(), lo.half()
+    scale, zero = ((hi - lo) / (2**bits - 1)).to(dtype), lo.to(dtype)
     s = scale.float()
     codes = ((x - zero.float()) / torch.where(s > 0, s, 1.)).round_().clamp_(0, 2**bits - 1)
     return codes.to(torch.uint8), scale, zero
@@ -65,8 +65,9 @@ class FullStore:
 # %% ../nbs/20_kv.ipynb #10e32fc7
 class KiviStore:
     "Keys and values of one layer in KIVI's packed form, plus a full-precision residual of the newest tokens."
-    def __init__(self, bits:int=2, group:int=32, residual:int=128, keys:str='channel'):
+    def __init__(self, bits:int=2, group:int=32, residual:int=128, keys:str='channel', scale_dtype=torch.float16):
         self.bits, self.group, self.residual, self.per_channel = bits, group, residual, keys == 'channel'
+        self.scale_dtype = scale_dtype # scales and zeros: fp16 as in KIVI; fp32 reproduces transformers' quanto
         self.kq = self.ks = self.kz = self.kb = None # packed key codes, scales, zeros, token -> key block (after eviction)
         self.vq = self.vs = self.vz = None # packed value codes, scales, zeros
         self.rk = self.rv = None # residual keys and values, full precision
@@ -78,7 +79,7 @@ class KiviStore:
 
     def _per_token(self, x):
         "Quantize [B, H, n, D] with one scale/zero per `group` channels of each token: codes, scale, zero [B, H, n, D/group]."
-        c, s, z = quantize(x.unflatten(-1, (-1, self.group)), self.bits, dim=-1)
+        c, s, z = quantize(x.unflatten(-1, (-1, self.group)), self.bits, dim=-1, dtype=self.scale_dtype)
         return pack(c.flatten(-2), self.bits), s[..., 0], z[..., 0]
 
     def _flush(self, n_blocks):
@@ -86,7 +87,8 @@ class KiviStore:
         n, G = n_blocks * self.group, self.group
         k, v = self.rk[:, :, :n], self.rv[:, :, :n]
         if self.per_channel:
-            c, s, z = quantize(k.unflatten(2, (n_blocks, G)), self.bits, dim=3) # one scale per block and channel
+            # one scale per block and channel
+            c, s, z = quantize(k.unflatten(2, (n_blocks, G)), self.bits, dim=3, dtype=self.scale_dtype)
             kq, ks, kz = pack(c.flatten(2, 3), self.bits), s[:, :, :, 0], z[:, :, :, 0]
             if self.kb is not None: # eviction happened: keep the token -> block map
                 first = 0 if self.ks is None else self.ks.shape[2]
@@ -215,7 +217,8 @@ def choose(layer:KVLayer, scores:torch.Tensor, budget:int, sinks:int=0, recent:i
     n_sinks = int((layer.positions < sinks).sum(-1).max()) if sinks else 0
     keep = min(n, max(budget, n_sinks) + extra)
     if keep >= n: return None
-    key = scores.double().argsort(-1).argsort(-1).double() / n # rank of the score, in [0, 1)
+    # rank of the score, in [0, 1); stable sorts: of tied scores the older token ranks lower
+    key = scores.double().argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).double() / n
     key = torch.where((pos >= end - recent) & (pos < end), 2 + pos / seen, key)
     key = torch.where(pos < sinks, 3 + 1 - pos / seen, key)
     key = torch.where(pos >= seen - must, 4 + pos / seen, key)
@@ -337,6 +340,9 @@ class Evict(KVMethod):
     def recent_tokens(self, budget:int) -> int:
         "Newest tokens always kept: `window`, at most half the budget (so that scores always choose half of it)."
         return min(self.values.get('window', 0), budget // 2)
+    def layout(self, layer:KVLayer, seen:int) -> tuple:
+        "(budget, newest tokens always kept) of `layer` after `seen` tokens."
+        b = self.budget(layer, seen); return b, self.recent_tokens(b)
     def track(self, layer:KVLayer): "Update the policy's per-token state on every forward (override)."
     def score(self, layer:KVLayer) -> torch.Tensor: raise NotImplementedError
 
@@ -348,10 +354,10 @@ class Evict(KVMethod):
         self.track(layer)
         if self.deferred: # the older tokens are brought to the budget of their count; this forward's tokens wait
             if len(layer.store) == layer.new: return
-            budget = self.budget(layer, layer.seen - layer.new)
-        else: budget = self.budget(layer, layer.seen)
+            budget, recent = self.layout(layer, layer.seen - layer.new)
+        else: budget, recent = self.layout(layer, layer.seen)
         if len(layer.store) <= budget: return
-        idx = choose(layer, self.score(layer), budget, self.values.get('sinks', 0), self.recent_tokens(budget), keep_new=self.deferred)
+        idx = choose(layer, self.score(layer), budget, self.values.get('sinks', 0), recent, keep_new=self.deferred)
         if idx is not None: layer.select(idx)
 
     def theory(self, lm, base):
@@ -413,8 +419,12 @@ class SnapKV(Evict):
         super().validate()
         if self.kernel % 2 == 0: raise WorkbenchError(f"kernel={self.kernel} must be odd")
     def score(self, layer):
+        "Window votes pooled over the tokens before the window (as SnapKV's code); the window's tokens keep their own votes."
         w = min(self.window, layer.new)
-        return _pool(layer.probs(slice(layer.new - w, None)).mean(2).sum(2), self.kernel, self.pooling)
+        votes = layer.probs(slice(layer.new - w, None)).mean(2).sum(2) # [B, kv_heads, n]: GQA mean, sum over the window
+        n = votes.shape[-1]
+        if n == w: return votes
+        return torch.cat([_pool(votes[..., :n - w], self.kernel, self.pooling), votes[..., n - w:]], -1)
 
 class TOVA(Evict):
     "The newest query's attention, averaged over all heads of the layer (one kept set per layer)."
@@ -459,14 +469,40 @@ class SirLLM(Evict):
         for l in layers: l.state['entropy'][..., -len(s):] = s
 
 # %% ../nbs/20_kv.ipynb #8797f036
+def pyramid_budgets(budget:int, # tokens a layer keeps on average, window included (PyramidKV's max_capacity_prompt)
+                    window:int, # observation window, kept whole in every layer
+                    seen:int, # tokens seen (the prompt length in the authors' code)
+                    layers:int, # number of layers
+                    beta:int=20) -> list|None: # the top layer's scored tokens are (budget - window) // beta
+    "Tokens each layer keeps under PyramidKV's schedule, as KVCache-Factory's `PyramidKVCluster.update_kv` computes them; None if `budget <= window`."
+    room = budget - window # the pyramid spreads the budget without the window
+    if room <= 0: return None # the authors' code asserts this away
+    if seen < budget: return [seen] * layers # nothing to evict
+    if seen < 2 * room or layers == 1: return [budget] * layers # under twice the room: uniform, as the authors' code
+    lo = room // beta
+    hi = 2 * room - lo
+    if hi >= seen - window: # the bottom layer cannot keep more than it saw: the rest goes up
+        hi, lo = seen - window, 2 * room - (seen - window)
+    step = (hi - lo) // (layers - 1) # integer steps: the top layers keep a little more than `lo`
+    return [hi - i * step + window for i in range(layers)]
+
 class PyramidKV(SnapKV):
-    "SnapKV scores with a budget that decreases linearly from the lowest to the highest layer."
-    knobs = SnapKV.knobs + (Knob('beta', 20.0, low=1.0, high=1000.0, doc='bottom-to-top budget spread: the top layer keeps budget / beta'),)
-    def budget(self, layer, seen):
-        b, L = super().budget(layer, seen), layer.n_layers
-        if L == 1: return b
-        top = b / self.beta
-        return max(1, round(top + (2 * b - 2 * top) * (L - 1 - layer.index) / (L - 1)))
+    "SnapKV scores; per-layer budgets decrease linearly from the lowest layer to the highest, over the budget without the window."
+    knobs = SnapKV.knobs + (Knob('beta', 20, low=1, high=1000,
+                                 doc='pyramid steepness: the top layer scores (budget - window) // beta tokens'),)
+    def schedule(self, seen:int, layers:int) -> list|None:
+        "Per-layer budgets after `seen` tokens (None: the budget cannot hold the window, SnapKV's uniform budget applies)."
+        return pyramid_budgets(Evict.budget(self, None, seen), self.window, seen, layers, self.beta)
+    def layout(self, layer, seen):
+        per = self.schedule(seen, layer.n_layers)
+        if per is None: return super().layout(layer, seen) # SnapKV: the window capped at half the budget
+        return per[layer.index], min(self.window, per[layer.index])
+    def theory(self, lm, base):
+        "The sum of the per-layer budgets after the baseline's tokens, as a fraction of the full cache (no bookkeeping)."
+        n, L = round(base['kv'] / _kv_per_token(lm)), facts(lm)['layers']
+        if not n: return dict(base)
+        per = self.schedule(n, L) or [Evict.budget(self, None, n)] * L
+        return {**base, 'kv': round(base['kv'] * sum(min(p, n) for p in per) / (L * n))}
 
 # %% ../nbs/20_kv.ipynb #06427a22
 class ThinKStore:

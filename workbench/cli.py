@@ -64,22 +64,26 @@ def run_regression(name:str, profile:str='smoke', out_dir:Path=None,
     out_dir = Path(out_dir or cache_dir()/'regress'); out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir/f'{name}.{profile}.json'
     with environment(threads, env):
-        pm.execute_notebook(str(nbs[name]), str(out_dir/f'{name}.{profile}.ipynb'), cwd=str(REGRESSION), progress_bar=False,
+        pm.execute_notebook(str(nbs[name]), str(out_dir/f'{name}.{profile}.ipynb'), cwd=str(REGRESSION),
+                            progress_bar=False,
                             parameters=dict(profile=profile, metrics_path=str(metrics_path)), kernel_name='python3')
     return json.loads(metrics_path.read_text())
 
 def _write_baseline(name, profile, metrics):
     path = BASELINES/f'{name}.{profile}.json'
-    path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + '\n')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + '\n')
 
-def regress(names=None, profile:str='smoke', update_baseline:bool=False, out_dir=None, threads:int|None=1) -> pd.DataFrame:
+def regress(names=None, profile:str='smoke', update_baseline:bool=False, out_dir=None,
+            threads:int|None=1) -> pd.DataFrame: # the notebook kernels' threads
     "Run regression notebooks (all by default) and compare with their baselines; `update_baseline` rewrites them."
     tables = []
     for name in names or list(regression_notebooks()):
         metrics = run_regression(name, profile, out_dir, threads)
         path = BASELINES/f'{name}.{profile}.json'
         if update_baseline: _write_baseline(name, profile, metrics)
-        if not path.exists(): raise WorkbenchError(f"no baseline {path.name} for {name!r} ({profile}); create it with: workbench regress {name} --profile {profile} --calibrate")
+        if not path.exists(): raise WorkbenchError(f"no baseline {path.name} for {name!r} ({profile}); create it with: "
+                                                   f"workbench regress {name} --profile {profile} --calibrate")
         tables.append(compare(metrics, json.loads(path.read_text())).assign(notebook=name, profile=profile))
     return pd.concat(tables, ignore_index=True)[['notebook', 'profile', 'metric', 'baseline', 'value', 'tol', 'diff', 'drift']]
 
@@ -107,13 +111,14 @@ def calibrated(runs:dict, # setting -> the metrics a notebook wrote under it
     return base
 
 def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0, settings:dict=SETTINGS) -> pd.DataFrame:
-    "Run notebooks under every setting, write baselines with the median value and the tolerance from the measured spread."
+    "Run notebooks under every setting; write baselines with the median value and a tolerance from the measured spread."
     out_dir, rows = Path(out_dir or cache_dir()/'calibrate'), []
     for name in names or list(regression_notebooks()):
         runs = {s: run_regression(name, profile, out_dir/s.replace(' ', '_'), **kw) for s, kw in settings.items()}
         base = calibrated(runs, margin)
         _write_baseline(name, profile, base)
-        rows += [dict(notebook=name, profile=profile, metric=k, **{x: b[x] for x in ('value', 'spread', 'tol')}) for k, b in base.items()]
+        rows += [dict(notebook=name, profile=profile, metric=k, **{x: b[x] for x in ('value', 'spread', 'tol')})
+                 for k, b in base.items()]
     return pd.DataFrame(rows)
 
 # %% ../nbs/09_cli.ipynb #0fcb34b1
@@ -180,8 +185,10 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser('run', help='run a study from a TOML spec file'); r.add_argument('spec'); r.add_argument('--csv')
     g = sub.add_parser('regress', help='rerun regression notebooks and compare with their baselines')
     g.add_argument('names', nargs='*'); g.add_argument('--profile', default='full', choices=PROFILES)
-    g.add_argument('--update-baseline', action='store_true', help="rewrite the baselines with the notebooks' own tolerances")
-    g.add_argument('--calibrate', action='store_true', help='rerun under 1 thread, 2 threads and SSE4.2 kernels; pin the measured spread')
+    g.add_argument('--update-baseline', action='store_true',
+                   help="rewrite the baselines with the notebooks' own tolerances")
+    g.add_argument('--calibrate', action='store_true',
+                   help='rerun under 1 thread, 2 threads and SSE4.2 kernels; pin the measured spread')
     g.add_argument('--threads', type=int, default=1, help='torch and BLAS threads of the notebook kernels (default 1)')
     e = sub.add_parser('peers', help="install a peer library's own environment: workbench peers install kvpress")
     e.add_argument('action', choices=['install']); e.add_argument('name', choices=['kvpress'])

@@ -212,7 +212,8 @@ class HQQ(WeightQuant):
     "Half-quadratic optimization of the offset (zero point) per group, with an lp (p < 1) error norm."
     knobs = quant_knobs() + (Knob('lp', 0.7, low=0.1, high=1.0, doc='p of the lp norm of the error'),
                              Knob('iters', 20, low=1, high=200, doc='half-quadratic iterations'),
-                             Knob('zero_init', 'range', choices=('range', 'rounded'), doc='first offset: the group minimum, or moved to a whole number of steps (0 on the grid)'))
+                             Knob('zero_init', 'range', choices=('range', 'rounded'),
+                                  doc='first offset: the group minimum, or moved to a whole number of steps (0 on the grid)'))
     beta, kappa = 10.0, 1.01 # initial penalty and its growth per iteration (HQQ's defaults)
     def validate(self):
         super().validate()
@@ -272,7 +273,8 @@ class RMSNorm64(nn.Module):
     "An RMS norm computed in its input's dtype (transformers' RMS norms compute in float32 whatever the input)."
     def __init__(self, weight:torch.Tensor, eps:float, shift:float): # shift 1: Gemma's `(1 + weight)` scaling
         super().__init__(); self.weight, self.eps, self.shift = weight, eps, shift
-    def forward(self, x): return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (self.shift + self.weight)
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (self.shift + self.weight)
 
 def as_float64_norm(m:nn.Module) -> nn.Module:
     "`RMSNorm64` doing what RMS norm `m` does (checked on random input), or `m` itself when neither variant matches."
@@ -370,7 +372,8 @@ class GPTQ(WeightQuant):
             for i, (block, call) in enumerate(zip(blocks, calls)):
                 lins = {n: m for n, m in block.named_modules() if self.selects(f'{prefix}.{i}.{n}', m)}
                 b64 = float64_copy(block) # the calibration copy: every sum in float64, whatever the kernels
-                self._hessians = {id(m): torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in lins.values()}
+                self._hessians = {id(m): torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+                                  for m in lins.values()}
                 counts = dict.fromkeys(self._hessians, 0)
                 def add(k): # running mean of 2 x^T x over the calibration tokens
                     def hook(mod, inp, out):
@@ -384,7 +387,8 @@ class GPTQ(WeightQuant):
                     for hk in hooks: hk.remove()
                 q = {id(m): QuantLinear(m, self.quantize(m.weight, m)) for m in lins.values()}
                 undos.append(swap_modules(block, lambda m: q[id(m)], lambda n, m: n in lins))
-                for n, m in lins.items(): b64.get_submodule(n).weight.copy_(q[id(m)].dequantize()) # the next block's inputs
+                for n, m in lins.items(): # the next block's inputs come from the quantized weights
+                    b64.get_submodule(n).weight.copy_(q[id(m)].dequantize())
                 hidden = [hidden_out(b64(h, *a, **kw)) for h, (a, kw) in zip(hidden, call)]
         except BaseException:
             for u in reversed(undos): u()

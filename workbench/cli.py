@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #5ffffd30
 from __future__ import annotations
-import argparse, importlib, json, os, statistics, sys, time
+import argparse, hashlib, importlib, json, os, statistics, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
@@ -14,7 +14,7 @@ from .models import cache_dir
 # %% auto #0
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'FLOOR', 'BENCHES',
            'regression_notebooks', 'compare', 'environment', 'run_regression', 'regress', 'tolerance', 'calibrated',
-           'calibrate', 'demo', 'bench_eval', 'bench_function', 'parser', 'main']
+           'source_hash', 'resumable_run', 'calibrate', 'demo', 'bench_eval', 'bench_function', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -110,11 +110,25 @@ def calibrated(runs:dict, # setting -> the metrics a notebook wrote under it
                        margin=margin, runs=dict(zip(runs, vals)))
     return base
 
+def source_hash(name:str) -> str:
+    "A hash of the package's source and regression notebook `name`: a run is reusable while it is unchanged."
+    files = sorted((ROOT/'workbench').glob('*.py')) + [regression_notebooks()[name]]
+    return hashlib.sha256(b''.join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+
+def resumable_run(name:str, profile:str, out_dir:Path, **setting) -> dict:
+    "`run_regression` under one setting, reusing the metrics of an earlier run on the same source (`source_hash`)."
+    metrics, stamp, code = out_dir/f'{name}.{profile}.json', out_dir/f'{name}.{profile}.source', source_hash(name)
+    if metrics.exists() and stamp.exists() and stamp.read_text() == code:
+        print(f"{name} ({profile}, {out_dir.name}): reusing the run finished on this source")
+        return json.loads(metrics.read_text())
+    result = run_regression(name, profile, out_dir, **setting)
+    stamp.write_text(code); return result
+
 def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0, settings:dict=SETTINGS) -> pd.DataFrame:
     "Run notebooks under every setting; write baselines with the median value and a tolerance from the measured spread."
     out_dir, rows = Path(out_dir or cache_dir()/'calibrate'), []
     for name in names or list(regression_notebooks()):
-        runs = {s: run_regression(name, profile, out_dir/s.replace(' ', '_'), **kw) for s, kw in settings.items()}
+        runs = {s: resumable_run(name, profile, out_dir/s.replace(' ', '_'), **kw) for s, kw in settings.items()}
         base = calibrated(runs, margin)
         _write_baseline(name, profile, base)
         rows += [dict(notebook=name, profile=profile, metric=k, **{x: b[x] for x in ('value', 'spread', 'tol')})

@@ -4,13 +4,22 @@
 
 # %% ../nbs/00_core.ipynb #77105444
 from __future__ import annotations
-import hashlib, json, math
+import atexit, hashlib, json, math, os, shutil, tempfile
 from contextlib import contextmanager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 # %% auto #0
-__all__ = ['SLOTS', 'FAMILIES', 'WorkbenchError', 'check_choice', 'Knob', 'LM', 'Method', 'Stack', 'stack', 'Task', 'config_hash']
+__all__ = ['SLOTS', 'FAMILIES', 'private_inductor_dir', 'WorkbenchError', 'check_choice', 'Knob', 'LM', 'Method', 'Stack',
+           'stack', 'Task', 'config_hash']
+
+# %% ../nbs/00_core.ipynb #a7c3e1d1
+def private_inductor_dir() -> str:
+    "This process's folder of compiled kernels: `TORCHINDUCTOR_CACHE_DIR` if set, else a new one removed at exit."
+    if 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = d = tempfile.mkdtemp(prefix='workbench-inductor-')
+        atexit.register(shutil.rmtree, d, True)
+    return os.environ['TORCHINDUCTOR_CACHE_DIR']
 
 # %% ../nbs/00_core.ipynb #ebc7fd37
 class WorkbenchError(ValueError):

@@ -33,13 +33,9 @@ _compiled = {}
 def compiled_flex():
     "`torch.compile(flex_attention)`, made once per process (the first call pays the compilation; each new pattern or length recompiles)."
     if 'flex' not in _compiled:
-        import atexit, os, shutil, tempfile, torch._dynamo, torch._inductor.config
-        # Compiled kernels go to a folder of this process unless the user chose one: processes sharing torch's default
-        # folder (two notebook workers, say) can load a kernel another is still writing, and a truncated kernel left
-        # there breaks every later run ("file too short"). One compile thread: no worker pool on a small CPU machine.
-        if 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
-            os.environ['TORCHINDUCTOR_CACHE_DIR'] = d = tempfile.mkdtemp(prefix='workbench-inductor-')
-            atexit.register(shutil.rmtree, d, True)
+        import torch._dynamo, torch._inductor.config
+        # Kernels go to this process's own folder (`core.private_inductor_dir`). One compile thread: no worker pool on
+        # a small CPU machine.
         torch._inductor.config.compile_threads = 1
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256) # one graph per pattern, knob values and length
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)

@@ -4,12 +4,11 @@
 
 # %% ../nbs/41_sparse_study.ipynb #d23e10de
 from __future__ import annotations
-import math
 import torch, torch.nn.functional as F
 from .core import LM, Task, WorkbenchError
-from .data import split, split_ids, make_needle
+from .data import split, split_ids
 from .ledger import cache_bytes
-from .tasks import NeedleTask, forward_cached, greedy, digit_ids, found_key
+from .tasks import NeedleTask, forward_cached, no_dropped_tokens, perplexity_metrics
 from .sparse import (SparseAttention, Window, SinkWindow, Strided, BlockSparse, TopK, SparseWindow, DynamicBlockSparse,
                               Quest)
 
@@ -76,30 +75,11 @@ class DecodePerplexity(Task):
     def reference(self, lm): return [self._window(lm, x)[0] for x in self._xs(lm)]
 
     def run(self, lm, ref=None):
-        self.check(lm)
-        if lm.slot('tokens'): raise WorkbenchError(f"{lm.slots['tokens'][0].name} drops prompt tokens; perplexity scores every token, use the needle task")
-        nll, n, kl, agree, peak = 0., 0, 0., 0, 0
-        for i, x in enumerate(self._xs(lm)):
-            lp, y, held = self._window(lm, x)
-            nll -= lp.gather(1, y[:, None]).sum().item(); n += len(y); peak = max(peak, held)
-            if ref is not None:
-                kl += F.kl_div(lp, ref[i], log_target=True, reduction='sum').item()
-                agree += (lp.argmax(-1) == ref[i].argmax(-1)).sum().item()
-        out = dict(ppl=math.exp(nll / n), nll=nll / n, scored_tokens=n, ledger_kv_peak=peak)
-        if ref is not None: out.update(kl=kl / n, top1=agree / n)
-        return out
+        self.check(lm); no_dropped_tokens(lm)
+        return perplexity_metrics((self._window(lm, x) for x in self._xs(lm)), ref)
 
 class DecodeNeedle(NeedleTask):
     "Needle retrieval with the question fed one token at a time: every question and answer token is a decoding step."
     name = 'decode_needle'
-    def trial(self, lm, length, i) -> dict:
-        "Run one trial: the context in one forward (or `chunk`s), then the question token by token, then the greedy answer."
-        n = make_needle(lm.tokenizer, length, depth=i / max(1, self.trials - 1), keys=self.keys, seed=self.seed * 1000 + i)
-        keep = lm.slot('tokens')
-        ctx = keep(n.context) if keep else n.context
-        _, cache, peak = forward_cached(lm, ctx[None], self.chunk)
-        logits, _, _ = forward_cached(lm, n.question[None], 1, cache)
-        allowed = digit_ids(lm.tokenizer) if self.digits_only else None
-        answer = lm.tokenizer.decode(greedy(lm, cache, logits, 5 if allowed else 7, allowed))
-        return dict(found=answer == n.answer if allowed else found_key(answer, n.answer), depth=n.depth, answer=answer, key=n.answer,
-                    kv_peak=max(peak, cache_bytes(cache)), context_tokens=len(ctx), question_tokens=len(n.question))
+    def __init__(self, *args, question_chunk:int=1, **kwargs): # the needle task's options; one question token a step
+        super().__init__(*args, question_chunk=question_chunk, **kwargs)

@@ -12,7 +12,8 @@ from .ledger import cache_bytes
 from .methods import new_cache
 
 # %% auto #0
-__all__ = ['forward_cached', 'Perplexity', 'greedy', 'digit_ids', 'found_key', 'NeedleTask']
+__all__ = ['forward_cached', 'Perplexity', 'no_dropped_tokens', 'perplexity_metrics', 'greedy', 'digit_ids', 'found_key',
+           'NeedleTask']
 
 # %% ../nbs/05_tasks.ipynb #37541acb
 @torch.no_grad()
@@ -76,18 +77,27 @@ class Perplexity(Task):
         return [self._scored(lm, ids, *w)[0] for w in self.windows()]
 
     def run(self, lm, ref=None):
-        self.check(lm)
-        if lm.slot('tokens'): raise WorkbenchError(f"{lm.slots['tokens'][0].name} drops prompt tokens; perplexity scores every token, use the needle task")
-        ids, nll, n, kl, agree, peak = self._ids(lm), 0., 0, 0., 0, 0
-        for i, w in enumerate(self.windows()):
-            lp, y, p = self._scored(lm, ids, *w)
-            nll -= lp.gather(1, y[:, None]).sum().item(); n += len(y); peak = max(peak, p)
-            if ref is not None:
-                kl += F.kl_div(lp, ref[i], log_target=True, reduction='sum').item()
-                agree += (lp.argmax(-1) == ref[i].argmax(-1)).sum().item()
-        out = dict(ppl=math.exp(nll / n), nll=nll / n, scored_tokens=n, ledger_kv_peak=peak)
-        if ref is not None: out.update(kl=kl / n, top1=agree / n)
-        return out
+        self.check(lm); no_dropped_tokens(lm)
+        ids = self._ids(lm)
+        return perplexity_metrics((self._scored(lm, ids, *w) for w in self.windows()), ref)
+
+def no_dropped_tokens(lm):
+    "Refuse a token-dropping method: a perplexity scores every token."
+    if lm.slot('tokens'):
+        raise WorkbenchError(f"{lm.slots['tokens'][0].name} drops prompt tokens; perplexity scores every token, use the needle task")
+
+def perplexity_metrics(windows, # (log-probabilities [T, vocab], targets [T], KV peak bytes) of each window
+                       ref=None): # the baseline's log-probabilities of each window
+    "ppl, mean NLL, tokens scored and KV peak over `windows`; with `ref`, the mean KL to the baseline and top-1 agreement."
+    nll, n, kl, agree, peak = 0., 0, 0., 0, 0
+    for i, (lp, y, p) in enumerate(windows):
+        nll -= lp.gather(1, y[:, None]).sum().item(); n += len(y); peak = max(peak, p)
+        if ref is not None:
+            kl += F.kl_div(lp, ref[i], log_target=True, reduction='sum').item()
+            agree += (lp.argmax(-1) == ref[i].argmax(-1)).sum().item()
+    out = dict(ppl=math.exp(nll / n), nll=nll / n, scored_tokens=n, ledger_kv_peak=peak)
+    if ref is not None: out.update(kl=kl / n, top1=agree / n)
+    return out
 
 # %% ../nbs/05_tasks.ipynb #8a1fcf42
 @torch.no_grad()
@@ -121,13 +131,16 @@ class NeedleTask(Task):
                  keys:int=1, # needles per context (one is asked)
                  seed:int=0, # base seed
                  chunk:int=None, # prefill the context in chunks of this many tokens
-                 digits_only:bool=True): # decode the answer constrained to digit tokens (see above)
+                 digits_only:bool=True, # decode the answer constrained to digit tokens (see above)
+                 question_chunk:int=None): # feed the question in chunks of this many tokens (1: each a decoding step)
         if trials < 1: raise WorkbenchError(f"trials={trials} must be at least 1")
         self.lengths, self.trials, self.keys, self.seed, self.chunk, self.digits_only = tuple(lengths), trials, keys, seed, chunk, digits_only
+        self.question_chunk = question_chunk
 
     def describe(self):
         return dict(task=self.name, split='needle', book=split('needle').book, lengths=list(self.lengths), trials=self.trials,
                     keys=self.keys, seed=self.seed, chunk=self.chunk, digits_only=self.digits_only,
+                    question_chunk=self.question_chunk,
                     metrics=('needle_acc_L = fraction of trials at length L whose 5 digit-constrained greedy tokens equal the key; ' if self.digits_only else
                              'needle_acc_L = fraction of trials at length L whose greedy answer\'s first 5-digit number is the key; ') +
                             'needle_acc = mean over lengths')
@@ -138,11 +151,11 @@ class NeedleTask(Task):
         keep = lm.slot('tokens')
         ctx = keep(n.context) if keep else n.context
         _, cache, peak = forward_cached(lm, ctx[None], self.chunk)
-        logits = lm.model(n.question[None], past_key_values=cache, use_cache=True).logits
+        logits, _, _ = forward_cached(lm, n.question[None], self.question_chunk, cache)
         allowed = digit_ids(lm.tokenizer) if self.digits_only else None
         answer = lm.tokenizer.decode(greedy(lm, cache, logits, 5 if allowed else 7, allowed))
         return dict(found=answer == n.answer if allowed else found_key(answer, n.answer), depth=n.depth, answer=answer, key=n.answer,
-                    kv_peak=max(peak, cache_bytes(cache)), context_tokens=len(ctx))
+                    kv_peak=max(peak, cache_bytes(cache)), context_tokens=len(ctx), question_tokens=len(n.question))
 
     def run(self, lm, ref=None):
         self.check(lm)

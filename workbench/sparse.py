@@ -58,6 +58,10 @@ AttentionInterface.register('workbench_sparse', sparse_attention)
 AttentionMaskInterface.register('workbench_sparse', sdpa_mask)
 
 # %% ../nbs/40_sparse.ipynb #edfaead8
+def _fraction(part, whole) -> float:
+    "`part / whole`, NaN when `whole` is 0 (nothing counted)."
+    return part / whole if whole else float('nan')
+
 def causal(q, k):
     "Key position `k` is not after query position `q`."
     return k <= q
@@ -84,30 +88,18 @@ class SparseAttention(Method):
         self.n_dkept = self.n_dcomputed = self.n_dpairs = 0 # the same, decoding steps only (bounds included in n_dcomputed)
         self._masks = {}
 
-    @property
-    def kept_fraction(self) -> float:
-        "Kept (query, key) pairs over causal pairs since the last `reset()`."
-        return self.n_kept / self.n_pairs if self.n_pairs else float('nan')
-    @property
-    def computed_fraction(self) -> float:
-        "Scores computed (exact q·k, plus page bounds of one dot product each) over causal pairs since the last `reset()`."
-        return (self.n_computed + self.n_bounds) / self.n_pairs if self.n_pairs else float('nan')
-    @property
-    def decode_kept_fraction(self) -> float:
-        "Kept over causal pairs in decoding steps (forwards of one query) since the last `reset()`."
-        return self.n_dkept / self.n_dpairs if self.n_dpairs else float('nan')
-    @property
-    def decode_computed_fraction(self) -> float:
-        "Scores and page bounds computed over causal pairs in decoding steps since the last `reset()`."
-        return self.n_dcomputed / self.n_dpairs if self.n_dpairs else float('nan')
-    @property
-    def read_fraction(self) -> float:
-        "Key and value vectors read by decoding steps (one query) over those held, since the last `reset()`."
-        return self.n_read / self.n_held if self.n_held else float('nan')
-    @property
-    def block_fraction(self) -> float:
-        "FlexAttention blocks computed over causal blocks since the last `reset()` (flex forwards only)."
-        return self.n_blocks / self.n_causal_blocks if self.n_causal_blocks else float('nan')
+    # the counters as fractions since the last `reset()` (NaN when nothing was counted)
+    kept_fraction = property(lambda s: _fraction(s.n_kept, s.n_pairs), doc="Kept (query, key) pairs over causal pairs.")
+    computed_fraction = property(lambda s: _fraction(s.n_computed + s.n_bounds, s.n_pairs),
+                                 doc="Scores computed (exact q·k, plus page bounds of one dot product each) over causal pairs.")
+    decode_kept_fraction = property(lambda s: _fraction(s.n_dkept, s.n_dpairs),
+                                    doc="Kept over causal pairs in decoding steps (forwards of one query).")
+    decode_computed_fraction = property(lambda s: _fraction(s.n_dcomputed, s.n_dpairs),
+                                        doc="Scores and page bounds computed over causal pairs in decoding steps.")
+    read_fraction = property(lambda s: _fraction(s.n_read, s.n_held),
+                             doc="Key and value vectors read by decoding steps (one query) over those held.")
+    block_fraction = property(lambda s: _fraction(s.n_blocks, s.n_causal_blocks),
+                              doc="FlexAttention blocks computed over causal blocks (flex forwards only).")
 
     def keep(self, q, k): "Static pattern: bool, query position `q` attends to key position `k` (override)."; raise NotImplementedError
     def select(self, q, k, q_pos, k_pos, allowed, scaling):

@@ -209,7 +209,7 @@ def test_kivi_equals_transformers_quanto_cache(bits, group):
     "KIVI's dequantized K/V equal transformers' QuantizedCache(quanto) where settings coincide (keys: axis -1, values: axis 0)."
     pytest.importorskip('optimum.quanto')
     from transformers.cache_utils import QuantoQuantizedLayer
-    from workbench.kv import unpack
+    from workbench.packing import unpack
     t = tiny_lm('llama') # head_dim 16
     _, full, _ = forward_cached(t, X) # 48 tokens: a multiple of the group
     for l in full.layers:

@@ -6,7 +6,8 @@ from torch import nn
 from workbench.core import WorkbenchError
 from workbench.ledger import weight_bytes
 from workbench.models import tiny_lm
-from workbench.quant import (GPTQ, HQQ, KMeans, QuantLinear, PaletteLinear, RTN, gptq_quantize, groups_of, pack, unpack)
+from workbench.packing import pack, unpack
+from workbench.quant import (GPTQ, HQQ, KMeans, QuantLinear, PaletteLinear, RTN, gptq_quantize, groups_of)
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -24,8 +25,15 @@ def test_pack_roundtrip(bits):
     for n in (1, 7, 8, 9, 1000):
         codes = torch.randint(0, 2 ** bits, (n,), generator=torch.Generator().manual_seed(n))
         p = pack(codes, bits)
-        assert p.dtype == torch.uint8 and len(p) == math.ceil(n / 8) * bits
-        assert torch.equal(unpack(p, bits, n).long(), codes)
+        assert p.dtype == torch.uint8 and len(p) == math.ceil(n * bits / 8)
+        assert torch.equal(unpack(p, bits, n=n).long(), codes)
+
+@pytest.mark.parametrize('bits', range(1, 9))
+def test_packed_linear_bytes(lin, bits):
+    "A packed Linear holds exactly `bits` bits per code: its matrix is one slice of out * in codes."
+    w = RTN(bits=bits, group_size=8).quantize(lin.weight)
+    q = QuantLinear(lin, w)
+    assert q.packed.numel() == 24 * 40 * bits // 8 and torch.equal(q.codes(), w.codes)
 
 @pytest.mark.parametrize('bits', range(1, 9))
 @pytest.mark.parametrize('gran', ['tensor', 'channel', 'group'])
@@ -136,8 +144,8 @@ def test_mixed_and_stack_bytes():
 
 @pytest.mark.slow
 def test_bench_quant_runs():
-    from workbench.quant_study import bench_quant, bench_matmul, QuantoPeer
-    t = bench_quant(tokens=128, window=128, methods=[RTN(bits=4, group_size=32)], progress=None)
+    from workbench.quant_study import bench, bench_matmul, QuantoPeer
+    t = bench(tokens=128, window=128, methods=[RTN(bits=4, group_size=32)], progress=None)
     assert list(t.method[:2]) == ['baseline (Q4_1-dequantized)', RTN(bits=4, group_size=32).name]
     assert abs(t.ppl[1] - t.ppl[0]) < 1e-4 and abs(t.bits_per_weight[1] - 5.0) < 1e-6
     assert (bench_matmul(tokens=8, repeats=1).slowdown > 0).all()

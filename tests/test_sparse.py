@@ -259,3 +259,20 @@ def test_decode_tasks(smol):
             return super().attend(q, k, v, allowed, scaling, layer)
     with Count(window=4096).apply(smol): DecodeNeedle(lengths=(128,), trials=1).run(smol)
     assert seen[0] == 128 and set(seen[1:]) == {1} and len(seen) > 6 # context, then question and answer one token at a time
+
+def test_one_entry_point_and_sliding_layers():
+    "Sparse methods install by `methods.use_attention`: sliding layers keep their SDPA; on exit the model is as before."
+    from workbench.methods import attention_configs
+    t = tiny_lm('gemma3'); x = torch.randint(0, 500, (1, 24), generator=torch.Generator().manual_seed(2))
+    snap = lambda: [dict(vars(c)) for c in attention_configs(t.model)]
+    with torch.no_grad(): base = t.model(x).logits
+    before, m = snap(), Window(window=8)
+    m.trace = []
+    with m.apply(t), torch.no_grad():
+        assert t.model.config._attn_implementation == 'workbench' and t.slot('attention') is m
+        t.model(x)
+    assert [r['layer'] for r in m.trace] == [3] # the one full-attention layer; layers 0-2 slide (window 16)
+    with pytest.raises(RuntimeError, match='inside'):
+        with TopK(k=4).apply(t): raise RuntimeError('inside')
+    assert snap() == before and t.slots == {}
+    with torch.no_grad(): assert torch.equal(t.model(x).logits, base)

@@ -31,6 +31,24 @@ def test_wrapped_blocks_match_model(vit, px):
     assert torch.allclose(forward(vit, px, RandomPatchDrop(keep=1.0)), base, atol=1e-4)
     assert torch.equal(forward(vit, px), base) and vit.slots == {}
 
+def test_token_method_gives_the_model_back(vit, px):
+    "A token method installs through `methods.use_attention`; on exit (even by an error) the model is as before."
+    from workbench.methods import attention_configs, use_attention
+    snap = lambda: [dict(vars(c)) for c in attention_configs(vit.model)]
+    base, before, m = forward(vit, px), snap(), ToMe(r=2)
+    with m.apply(vit):
+        assert vit.model.config._attn_implementation == 'workbench' and vit.slot('attention') is m
+    assert snap() == before and vit.slots == {}
+    with pytest.raises(RuntimeError, match='inside'):
+        with ToMe(r=2).apply(vit): raise RuntimeError('inside')
+    assert snap() == before and vit.slots == {}
+    holder = type('Holder', (), {'name': 'Holder'})() # another method holding the attention slot
+    with use_attention(vit, holder):
+        with pytest.raises(WorkbenchError, match="slot 'attention' is already taken by Holder"):
+            ToMe(r=2).apply(vit).__enter__()
+        assert list(vit.slots) == ['attention'] # the tokens slot was given back
+    assert snap() == before and vit.slots == {} and torch.equal(forward(vit, px), base)
+
 @pytest.mark.parametrize('method,final', [(RandomPatchDrop(keep=0.25), 17), (EViT(keep=0.25, layer=3), 17),
                                           (EViT(keep=0.25, layer=3, fuse=False), 17), (HiRED(keep=0.1, layer=3), 7)])
 def test_drop_really_shrinks(vit, px, method, final):

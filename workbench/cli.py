@@ -14,7 +14,8 @@ from .models import cache_dir
 # %% auto #0
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'FLOOR', 'BENCHES',
            'regression_notebooks', 'compare', 'environment', 'run_regression', 'regress', 'tolerance', 'calibrated',
-           'source_hash', 'resumable_run', 'calibrate', 'demo', 'bench_eval', 'bench_function', 'parser', 'main']
+           'source_hash', 'resumable_run', 'calibrate', 'demo', 'bench_eval', 'bench_function', 'bench_options',
+           'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -153,8 +154,11 @@ def demo(out:Path=Path('workbench-demo.html'), tokens:int=2048, name:str='headli
     return table
 
 # %% ../nbs/09_cli.ipynb #0bb6ee3b
-def bench_eval(tokens:int=2048, window:int=512, repeats:int=3) -> dict:
-    "Best-of-`repeats` seconds of `Perplexity.run` and of a plain transformers loop on the same windows, and their ratio."
+def bench_eval(tokens:int=2048, # tokens of the `eval` split
+               window:int=512, # tokens per perplexity window
+               repeats:int=3 # timed runs of each, alternating; the best counts
+              ) -> pd.DataFrame:
+    "Best-of-`repeats` seconds of `Perplexity.run` and of a plain transformers loop, their ratio (target <= 1.10)."
     import math, torch, torch.nn.functional as F
     from workbench.models import load
     from workbench.tasks import Perplexity
@@ -173,19 +177,83 @@ def bench_eval(tokens:int=2048, window:int=512, repeats:int=3) -> dict:
         for k, f in (('workbench', lambda: task.run(lm)['ppl']), ('plain', plain)):
             t0 = time.perf_counter(); v = f(); times[k].append(time.perf_counter() - t0); times[k + '_ppl'] = v
     best = {k: min(v) for k, v in times.items() if not k.endswith('_ppl')}
-    return dict(workbench_s=best['workbench'], plain_s=best['plain'], ratio=best['workbench'] / best['plain'],
-                workbench_ppl=times['workbench_ppl'], plain_ppl=times['plain_ppl'], threads=torch.get_num_threads())
+    row = dict(workbench_s=best['workbench'], plain_s=best['plain'], ratio=best['workbench'] / best['plain'],
+               workbench_ppl=times['workbench_ppl'], plain_ppl=times['plain_ppl'], tokens=tokens, window=window,
+               repeats=repeats, threads=torch.get_num_threads())
+    return pd.DataFrame([row])
 
-# %% ../nbs/09_cli.ipynb #7b1729e0
-BENCHES = {'eval': ['workbench.cli:bench_eval'], # name -> benchmark functions ('module:function'), each returns a table
-           'quant': ['workbench.quant_study:bench_quant', 'workbench.quant_study:bench_matmul'],
-           'kv': ['workbench.kv_peers:kv_side_by_side'],
-           'sparse': ['workbench.sparse:bench_sparse']}
+# %% ../nbs/09_cli.ipynb #c9b3e1a2
+BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:function'): options in, a DataFrame out
+           'quant': 'workbench.quant_study:bench',
+           'matmul': 'workbench.quant_study:bench_matmul',
+           'kv': 'workbench.kv_study:bench',
+           'sparse': 'workbench.sparse:bench_sparse'}
 
-def bench_function(path:str):
+def bench_function(path): # 'module:function', or the function itself
     "The benchmark function named by 'module:function'."
+    if callable(path): return path
     mod, fn = path.split(':'); return getattr(importlib.import_module(mod), fn)
 
+def bench_options(fn) -> dict:
+    "The options benchmark function `fn` takes, with their defaults."
+    import inspect
+    ps = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+def option_value(text:str, # the value as typed on the command line
+                 default, # the option's default: its type is the value's
+                 name:str='option'): # named in errors
+    "`text` as a value of the type of `default`: bool, int, float, str, None (`none`), or a tuple from 'a,b,c'."
+    low = text.strip().lower()
+    if isinstance(default, bool) or low in ('true', 'false'):
+        if low in ('true', 'yes', 'on', '1'): return default if callable(default) else True # `progress=print`: on
+        if low in ('false', 'no', 'off', '0'): return False
+        raise WorkbenchError(f"option {name} takes true or false, got {text!r}")
+    if low == 'none': return None
+    if isinstance(default, (tuple, list)) or (default is None and ',' in text): # `presses=None` takes a list too
+        return tuple(option_value(t, default[0] if default else None, name) for t in text.split(',') if t.strip())
+    for kind, what in ((int, 'an integer'), (float, 'a number')):
+        if isinstance(default, kind):
+            try: return kind(text)
+            except ValueError: raise WorkbenchError(f"option {name} takes {what}, got {text!r}") from None
+    if isinstance(default, str): return text
+    for kind in (int, float):
+        try: return kind(text)
+        except ValueError: pass
+    return text
+
+def cli_options(args:list) -> dict:
+    "`--name value` (or `--name=value`; a bare `--flag` is true) as {name: text}; dashes in names are underscores."
+    out, args = {}, list(args)
+    while args:
+        a = args.pop(0)
+        if not a.startswith('--') or a == '--': raise WorkbenchError(f"benchmark options are --name value; got {a!r}")
+        name, eq, v = a[2:].partition('=')
+        if not eq: v = args.pop(0) if args and not args[0].startswith('--') else 'true'
+        out[name.replace('-', '_')] = v
+    return out
+
+def bench_name(fn) -> str:
+    "Where benchmark `fn` lives: 'module.function'."
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+def bench_call(what:str, options:dict) -> tuple:
+    "The function of benchmark `what` and its keyword arguments from `options` (text values converted), checked."
+    fn = bench_function(BENCHES[check_choice('benchmark', what, list(BENCHES))])
+    valid = bench_options(fn)
+    for k in options:
+        if k not in valid:
+            raise WorkbenchError(f"benchmark {what!r} ({bench_name(fn)}) takes no option {k!r}; "
+                                 f"valid: {', '.join(valid)}")
+    return fn, {k: option_value(v, valid[k], k) if isinstance(v, str) else v for k, v in options.items()}
+
+def run_bench(what:str, # a name in `BENCHES`
+              **options) -> pd.DataFrame: # its options; text values (as typed) take the types of their defaults
+    "Run benchmark `what` with `options` and return its table."
+    fn, kw = bench_call(what, options)
+    return fn(**kw)
+
+# %% ../nbs/09_cli.ipynb #7b1729e0
 def _print(df:pd.DataFrame): print(df.to_string(index=False, float_format=lambda v: f'{v:.6g}'))
 
 def parser() -> argparse.ArgumentParser:
@@ -209,8 +277,9 @@ def parser() -> argparse.ArgumentParser:
     o = sub.add_parser('docs', help='build the docs site from the notebooks (offline), ready to publish')
     o.add_argument('--out', default='_docs'); o.add_argument('--timeout', type=float, default=600, help='seconds each notebook may run')
     o.add_argument('--no-execute', action='store_true', help='build without running the notebooks')
-    b = sub.add_parser('bench', help='benchmarks: ' + ', '.join(BENCHES)); b.add_argument('what', choices=list(BENCHES))
-    b.add_argument('--tokens', type=int, default=2048); b.add_argument('--repeats', type=int, default=3)
+    b = sub.add_parser('bench', help=f"benchmarks: {', '.join(BENCHES)} (workbench bench NAME --help: its options)")
+    b.add_argument('what', choices=list(BENCHES))
+    b.add_argument('options', nargs=argparse.REMAINDER, help="the benchmark's options: --name value (a list as a,b,c)")
     return p
 
 # %% ../nbs/09_cli.ipynb #4ade27a0
@@ -244,17 +313,18 @@ def main(argv=None) -> int:
         if a.cmd == 'docs':
             from workbench.docs import build_docs
             build_docs(Path(a.out), execute=not a.no_execute, timeout=a.timeout); return 0
-        if a.cmd == 'bench' and a.what != 'eval':
-            import torch
-            for path in BENCHES[a.what]:
-                fn = bench_function(path); t0 = time.perf_counter()
-                print(f"\n{fn.__name__}: {fn.__doc__}"); _print(fn())
-                print(f"({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads)")
-            return 0
         if a.cmd == 'bench':
-            r = bench_eval(a.tokens, repeats=a.repeats)
-            print(f"perplexity eval, SmolLM2, {a.tokens} tokens, 512-token windows, best of {a.repeats}, {r['threads']} threads")
-            print(f"workbench {r['workbench_s']:.2f} s   plain transformers loop {r['plain_s']:.2f} s   ratio {r['ratio']:.3f} (target <= 1.10)")
-            print(f"ppl workbench {r['workbench_ppl']:.4f}   plain {r['plain_ppl']:.4f}"); return 0
+            import torch
+            if {'-h', '--help'} & set(a.options):
+                fn = bench_function(BENCHES[a.what])
+                print(f"workbench bench {a.what} [--OPTION VALUE ...]: {fn.__doc__}")
+                print(f"options of {bench_name(fn)}, with defaults:")
+                for k, v in bench_options(fn).items():
+                    v = ','.join(map(str, v)) if isinstance(v, (tuple, list)) else getattr(v, '__name__', v)
+                    print(f"  --{k.replace('_', '-')} {v}")
+                return 0
+            fn, kw = bench_call(a.what, cli_options(a.options)); t0 = time.perf_counter()
+            print(f"{bench_name(fn)}: {fn.__doc__}", flush=True); _print(fn(**kw))
+            print(f"({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads)"); return 0
     except WorkbenchError as e:
         print(f"workbench: error: {e}", file=sys.stderr); return 2

@@ -103,6 +103,12 @@ class Method:
     family: ClassVar[str] = ''
     knobs: ClassVar[tuple] = ()
     simulated: ClassVar[bool] = False # True when the saving is masked or simulated, not real bytes
+    abstract: ClassVar[bool] = False # True in the body of a base that methods build on (KVMethod, Evict, ...)
+
+    @classmethod
+    def runnable(cls) -> bool:
+        "A method to run, not a base: `abstract` is not set in the class's own body (it is not inherited)."
+        return not cls.__dict__.get('abstract', False)
 
     def __init__(self, **values):
         known = {k.name: k for k in self.knobs}

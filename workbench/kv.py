@@ -12,40 +12,17 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from .core import LM, Knob, Method, WorkbenchError
 from .models import facts
 from .ledger import cache_bytes
+from .packing import pack, unpack, affine_quantize, affine_dequantize
+from .methods import queries # the rotary queries of one attention module (chapter 04)
 
 # %% auto #0
-__all__ = ['BITS', 'BUDGET_KNOBS', 'pack', 'unpack', 'quantize', 'dequantize', 'gather_tokens', 'FullStore', 'KiviStore',
-           'query_support', 'queries', 'attention_probs', 'KVLayer', 'choose', 'attention_modules', 'KVMethod',
-           'kv_cache', 'KIVI', 'Evict', 'StreamingLLM', 'RecentOnly', 'RandomEvict', 'H2O', 'SnapKV', 'TOVA', 'SirLLM',
-           'pyramid_budgets', 'PyramidKV', 'ThinKStore', 'ThinK', 'evicted_mask']
+__all__ = ['BITS', 'BUDGET_KNOBS', 'gather_tokens', 'FullStore', 'KiviStore', 'query_support', 'attention_probs', 'KVLayer',
+           'choose', 'attention_modules', 'KVMethod', 'kv_cache', 'KIVI', 'Evict', 'StreamingLLM', 'RecentOnly',
+           'RandomEvict', 'H2O', 'SnapKV', 'TOVA', 'SirLLM', 'pyramid_budgets', 'PyramidKV', 'ThinKStore', 'ThinK',
+           'evicted_mask']
 
 # %% ../nbs/20_kv.ipynb #eeebea6f
-BITS = (2, 4, 8)
-
-def pack(codes:torch.Tensor, bits:int) -> torch.Tensor:
-    "Pack `bits`-bit codes [..., D] into uint8 [..., D * bits / 8] along the last axis."
-    per = 8 // bits
-    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per)
-    out = c[..., 0].clone()
-    for i in range(1, per): out |= c[..., i] << (i * bits)
-    return out
-
-def unpack(packed:torch.Tensor, bits:int) -> torch.Tensor:
-    "Inverse of `pack`: uint8 codes [..., D]."
-    mask = (1 << bits) - 1
-    return torch.stack([(packed >> (i * bits)) & mask for i in range(8 // bits)], -1).flatten(-2)
-
-def quantize(x:torch.Tensor, bits:int, dim:int, dtype=torch.float16):
-    "Asymmetric quantization of `x` with one scale and zero per slice along `dim`: (codes uint8, scale, zero in `dtype`)."
-    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    scale, zero = ((hi - lo) / (2**bits - 1)).to(dtype), lo.to(dtype)
-    s = scale.float()
-    codes = ((x - zero.float()) / torch.where(s > 0, s, 1.)).round_().clamp_(0, 2**bits - 1)
-    return codes.to(torch.uint8), scale, zero
-
-def dequantize(codes, scale, zero):
-    "Values of `codes` with their `scale` and `zero` (broadcast)."
-    return codes.float() * scale.float() + zero.float()
+BITS = (2, 4, 8) # bits per key and value code
 
 # %% ../nbs/20_kv.ipynb #19213eae
 def gather_tokens(x:torch.Tensor, idx:torch.Tensor) -> torch.Tensor:
@@ -78,18 +55,18 @@ class KiviStore:
     def tail(self): return 0 if self.rk is None else self.rk.shape[-2]
 
     def _per_token(self, x):
-        "Quantize [B, H, n, D] with one scale/zero per `group` channels of each token: codes, scale, zero [B, H, n, D/group]."
-        c, s, z = quantize(x.unflatten(-1, (-1, self.group)), self.bits, dim=-1, dtype=self.scale_dtype)
-        return pack(c.flatten(-2), self.bits), s[..., 0], z[..., 0]
+        "Quantize [B, H, n, D] with one scale/zero per `group` channels of each token: packed codes, scale, zero."
+        c, s, z = affine_quantize(x, self.bits, dim=-1, group=self.group, dtype=self.scale_dtype) # s [B, H, n, D/group]
+        return pack(c, self.bits), s, z
 
     def _flush(self, n_blocks):
         "Quantize the oldest `n_blocks * group` residual tokens."
         n, G = n_blocks * self.group, self.group
         k, v = self.rk[:, :, :n], self.rv[:, :, :n]
         if self.per_channel:
-            # one scale per block and channel
-            c, s, z = quantize(k.unflatten(2, (n_blocks, G)), self.bits, dim=3, dtype=self.scale_dtype)
-            kq, ks, kz = pack(c.flatten(2, 3), self.bits), s[:, :, :, 0], z[:, :, :, 0]
+            # one scale and zero per block and channel: ks, kz [B, H, n_blocks, D]
+            c, ks, kz = affine_quantize(k, self.bits, dim=2, group=G, dtype=self.scale_dtype)
+            kq = pack(c, self.bits)
             if self.kb is not None: # eviction happened: keep the token -> block map
                 first = 0 if self.ks is None else self.ks.shape[2]
                 new = (first + torch.arange(n, device=k.device) // G).to(self.kb.dtype).expand(*k.shape[:2], n)
@@ -110,11 +87,12 @@ class KiviStore:
     def read(self):
         if self.kq is None: return self.rk, self.rv
         codes = unpack(self.kq, self.bits)
-        if self.per_channel:
-            blocks = self.kb.long() if self.kb is not None else (torch.arange(self.nq, device=codes.device) // self.group).expand(*codes.shape[:2], -1)
-            k = dequantize(codes, gather_tokens(self.ks, blocks), gather_tokens(self.kz, blocks))
-        else: k = dequantize(codes.unflatten(-1, (-1, self.group)), self.ks[..., None], self.kz[..., None]).flatten(-2)
-        v = dequantize(unpack(self.vq, self.bits).unflatten(-1, (-1, self.group)), self.vs[..., None], self.vz[..., None]).flatten(-2)
+        if self.per_channel: # each token's block scales, gathered: per element
+            blocks = (self.kb.long() if self.kb is not None
+                      else (torch.arange(self.nq, device=codes.device) // self.group).expand(*codes.shape[:2], -1))
+            k = affine_dequantize(codes, gather_tokens(self.ks, blocks), gather_tokens(self.kz, blocks))
+        else: k = affine_dequantize(codes, self.ks, self.kz, dim=-1, group=self.group)
+        v = affine_dequantize(unpack(self.vq, self.bits), self.vs, self.vz, dim=-1, group=self.group)
         dt = self.rk.dtype
         return torch.cat([k.to(dt), self.rk], 2), torch.cat([v.to(dt), self.rv], 2)
 
@@ -137,14 +115,6 @@ def query_support(module:nn.Module) -> str|None:
     if not hasattr(sys.modules[type(module).__module__], 'apply_rotary_pos_emb'): return f"{type(module).__module__} has no apply_rotary_pos_emb"
     if not hasattr(module, 'scaling') or not hasattr(module, 'head_dim'): return f"{type(module).__name__} has no scaling/head_dim"
     return None
-
-def queries(module:nn.Module, hidden:torch.Tensor, position_embeddings) -> torch.Tensor:
-    "Rotary-embedded queries [B, q_heads, T, head_dim] of attention `module` for `hidden` [B, T, hidden_size]."
-    B, T, _ = hidden.shape
-    q = module.q_proj(hidden).view(B, T, -1, module.head_dim).transpose(1, 2)
-    if hasattr(module, 'q_norm'): q = module.q_norm(q)
-    cos, sin = position_embeddings
-    return sys.modules[type(module).__module__].apply_rotary_pos_emb(q, q, cos, sin)[0]
 
 def attention_probs(q:torch.Tensor, k:torch.Tensor, q_pos:torch.Tensor, k_pos:torch.Tensor, scaling:float, softcap=None) -> torch.Tensor:
     "Causal attention probabilities [B, kv_heads, group, Tq, n] of queries `q` [B, Hq, Tq, D] over keys `k` [B, Hkv, n, D] at positions `q_pos` [Tq], `k_pos` [B, Hkv, n]."
@@ -253,6 +223,7 @@ def _record(module, args, kwargs):
 
 class KVMethod(Method):
     "Base of this chapter's KV methods: builds a cache whose full-attention layers are `KVLayer`s."
+    abstract = True # a base: its subclasses are the methods
     family = 'kv'
     role: ClassVar[str] = 'store' # 'store' (how tokens are held) or 'evict' (which tokens are held)
     needs_queries: ClassVar[bool] = False # whether attention scores (recomputed queries) are needed
@@ -324,6 +295,7 @@ BUDGET_KNOBS = (Knob('ratio', 0.5, low=0.0, high=1.0, grid=(0.5, 0.75, 0.9), doc
 
 class Evict(KVMethod):
     "Base of eviction policies: budget, sinks and recent window; subclasses define `score`."
+    abstract = True # a base: its subclasses are the methods
     role = 'evict'
     deferred: ClassVar[bool] = False # evict at the next forward, with its queries, keeping its tokens
     knobs = BUDGET_KNOBS + (Knob('sinks', 0, low=0, high=1024, doc='first tokens always kept (attention sinks)'),

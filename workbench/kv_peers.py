@@ -14,7 +14,7 @@ from .models import cache_dir
 # %% auto #0
 __all__ = ['KVPRESS_VERSION', 'KVPRESS_TORCH', 'KVPRESS_PRESSES', 'kvpress_env', 'kvpress_python', 'install_commands',
            'install_kvpress_env', 'kv_needles', 'smollm2_folder', 'bench_kvpress', 'run_worker', 'kvpress_table',
-           'kept_pairs', 'our_kept', 'kept_agreement', 'kept_cross_check', 'kv_side_by_side']
+           'kept_pairs', 'our_kept', 'kept_agreement', 'kept_cross_check']
 
 # %% ../nbs/22_kv_peers.ipynb #30735d79
 KVPRESS_VERSION, KVPRESS_TORCH = '0.5.5', '2.13.0'
@@ -110,7 +110,7 @@ def run_worker(req:dict, # the request (JSON-able)
         return json.loads(rs.read_text())
 
 def kvpress_table(results:list, versions:dict=None) -> pd.DataFrame:
-    "One row per press and ratio, with `bench_kv`'s columns, from the worker's per-trial results."
+    "One row per press and ratio, with the KV benchmark's columns (`kv_study.bench`), from the worker's results."
     t = pd.DataFrame(results)
     t['press'] = t.press.fillna('full cache')
     rows = []
@@ -180,23 +180,3 @@ def kept_cross_check(context=None, # token ids [T]; default: a 2,048-token needl
                          **kept_agreement(ours, got['positions'])))
     df = pd.DataFrame(rows); df.attrs['versions'] = res['versions']
     return df
-
-# %% ../nbs/22_kv_peers.ipynb #1389b4d4
-def kv_side_by_side(lengths=(2048,), # needle context lengths
-                    trials:int=10, # needle trials per length
-                    ratios=(0.5, 0.75, 0.9), # compression ratios
-                    lm:LM=None, # default: SmolLM2
-                    methods:list=None, # our (label, ratio, method) rows; default `bench_methods(ratios)`
-                    presses=KVPRESS_PRESSES, # kvpress presses by short name
-                    env=None, # the kvpress environment's folder
-                    progress:bool=True) -> pd.DataFrame:
-    "Ours (`bench_kv`) and kvpress's presses (`bench_kvpress`) on the same needles and ratios, one table (ours alone, said so, without the kvpress environment)."
-    from workbench.kv_study import bench_kv
-    from workbench.models import load
-    lm = lm or load('smollm2-135m')
-    ours = bench_kv(lengths=lengths, trials=trials, ratios=ratios, lm=lm, methods=methods, progress=progress).assign(library='workbench')
-    try: kvpress_python(env)
-    except WorkbenchError as e:
-        print(f"kvpress rows skipped: {e}"); return ours
-    peers = bench_kvpress(lengths=lengths, trials=trials, ratios=ratios, presses=presses, lm=lm, env=env, progress=progress)
-    return pd.concat([ours, peers], ignore_index=True)

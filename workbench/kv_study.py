@@ -12,13 +12,13 @@ from .core import LM, Knob, Method, WorkbenchError, check_choice, stack
 from .data import make_needle
 from .ledger import cache_bytes
 from .models import load
-from .methods import new_cache
+from .methods import full_attention_only, new_cache
 from .tasks import NeedleTask, Perplexity, forward_cached, greedy, digit_ids, found_key
 from .viz import explore, fmt_bytes
 from .kv import (KVLayer, KIVI, StreamingLLM, RecentOnly, RandomEvict, H2O, SnapKV, TOVA, SirLLM, PyramidKV, ThinK)
 
 # %% auto #0
-__all__ = ['KV_METHODS', 'QuantoKV', 'KVNeedle', 'short_name', 'bench_methods', 'bench_kv', 'kept_positions', 'kept_heatmap',
+__all__ = ['KV_METHODS', 'QuantoKV', 'KVNeedle', 'short_name', 'bench_methods', 'bench', 'kept_positions', 'kept_heatmap',
            'kv_evaluator', 'kv_explorer', 'study_methods', 'kv_study']
 
 # %% ../nbs/21_kv_study.ipynb #cd004382
@@ -31,6 +31,7 @@ class QuantoKV(Method):
     def install(self, lm):
         try: import optimum.quanto # noqa: F401
         except ImportError: raise WorkbenchError("QuantoKV needs optimum-quanto: pip install optimum-quanto") from None
+        full_attention_only(lm, 'QuantoKV') # transformers' QuantizedCache has no sliding layers
         from transformers import QuantizedCache
         make = lambda lm: QuantizedCache(backend='quanto', config=lm.model.config, nbits=self.bits, q_group_size=self.group, residual_length=self.residual)
         return lm.take('cache', self, make)
@@ -69,7 +70,7 @@ def short_name(m) -> str:
     return ' + '.join(label(x) for x in parts)
 
 def bench_methods(ratios=(0.5, 0.75, 0.9)) -> list:
-    "The methods `bench_kv` compares: (label, ratio, method or None for the full cache)."
+    "The methods `bench` compares: (label, ratio, method or None for the full cache)."
     rows = [('full cache', 0.0, None)]
     for r in ratios:
         rows += [(f'{m.name}', r, m) for m in (StreamingLLM(ratio=r), H2O(ratio=r), TOVA(ratio=r), SnapKV(ratio=r), SnapKV(ratio=r, query_aware=True),
@@ -78,14 +79,17 @@ def bench_methods(ratios=(0.5, 0.75, 0.9)) -> list:
     rows += [(QuantoKV(bits=b).name, None, QuantoKV(bits=b)) for b in (4, 2)]
     return rows
 
-def bench_kv(lengths=(2048,), # needle context lengths
-             trials:int=10, # needle trials per length
-             keys:int=1, # needles per context (one is asked)
-             ratios=(0.5, 0.75, 0.9), # compression ratios of the eviction policies
-             lm:LM=None, # default: SmolLM2
-             methods:list=None, # (label, ratio, method) rows; default `bench_methods(ratios)` (keep 'full cache' first)
-             progress:bool=True) -> pd.DataFrame:
-    "Needle accuracy, bytes held (peak, while answering) and seconds per query of our KV methods and transformers' QuantizedCache."
+def bench(lengths=(2048,), # needle context lengths
+          trials:int=10, # needle trials per length
+          keys:int=1, # needles per context (one is asked)
+          ratios=(0.5, 0.75, 0.9), # compression ratios of the eviction policies (and of kvpress's presses)
+          lm:LM=None, # default: SmolLM2
+          methods:list=None, # (label, ratio, method) rows; default `bench_methods(ratios)` (keep 'full cache' first)
+          peers:bool=True, # add kvpress's presses on the same needles when its environment is installed (chapter 22)
+          presses=None, # kvpress presses by short name (default: chapter 22's `KVPRESS_PRESSES`)
+          env=None, # the kvpress environment's folder (default: chapter 22's `kvpress_env()`)
+          progress:bool=True) -> pd.DataFrame:
+    "Needle accuracy, bytes held (peak, while answering) and seconds per query: ours, QuantizedCache and kvpress."
     lm = lm or load('smollm2-135m')
     task, rows = KVNeedle(lengths=lengths, trials=trials, keys=keys), []
     for label, ratio, m in methods or bench_methods(ratios):
@@ -98,12 +102,24 @@ def bench_kv(lengths=(2048,), # needle context lengths
         if m is None: r = task.run(lm)
         else:
             with m.apply(lm): r = task.run(lm)
-        rows.append(dict(method=label, short=short_name(m), ratio=ratio, needle_acc=r['needle_acc'], **{k: v for k, v in r.items() if k.startswith('needle_acc_')},
+        rows.append(dict(method=label, short=short_name(m), ratio=ratio, needle_acc=r['needle_acc'],
+                         **{k: v for k, v in r.items() if k.startswith('needle_acc_')},
                          kv_peak=r['ledger_kv_peak'], kv_final=r['kv_final'], s_per_query=r['s_per_query']))
-        if progress: print(f"{label}: acc {r['needle_acc']:.2f}, peak {fmt_bytes(r['ledger_kv_peak'])}, answering {fmt_bytes(r['kv_final'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        if progress: print(f"{label}: acc {r['needle_acc']:.2f}, peak {fmt_bytes(r['ledger_kv_peak'])}, "
+                           f"answering {fmt_bytes(r['kv_final'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
     df = pd.DataFrame(rows)
     full = df.loc[df.method == 'full cache'].iloc[0]
-    return df.assign(final_saving=1 - df.kv_final / full.kv_final, peak_saving=1 - df.kv_peak / full.kv_peak)
+    ours = df.assign(final_saving=1 - df.kv_final / full.kv_final, peak_saving=1 - df.kv_peak / full.kv_peak,
+                     library='workbench')
+    if not peers: return ours
+    from workbench.kv_peers import KVPRESS_PRESSES, bench_kvpress, kvpress_python
+    try: kvpress_python(env)
+    except WorkbenchError as e:
+        if progress: print(f"kvpress rows skipped: {e}")
+        return ours
+    theirs = bench_kvpress(lengths=lengths, trials=trials, ratios=ratios, presses=presses or KVPRESS_PRESSES, lm=lm,
+                           env=env, keys=keys, progress=progress)
+    return pd.concat([ours, theirs], ignore_index=True)
 
 # %% ../nbs/21_kv_study.ipynb #c551f998
 def kept_positions(cache) -> torch.Tensor:
@@ -141,14 +157,11 @@ def kv_evaluator(lm:LM, tokens:int=256, chunk:int=32):
         return go.Figure().update_layout(title=title, height=200)
     return evaluate
 
-def kv_explorer(lm:LM, tokens:int=256, chunk:int=32, methods:dict=None) -> widgets.VBox:
-    "A method dropdown above `explore`'s knob controls for that method."
-    methods, evaluate = methods or KV_METHODS, kv_evaluator(lm, tokens, chunk)
-    pick, holder = widgets.Dropdown(options=list(methods), value='SnapKV', description='method'), widgets.VBox()
-    def show(change=None): holder.children = [explore(methods[pick.value], evaluate)]
-    pick.observe(show, 'value'); show()
-    box = widgets.VBox([pick, holder]); box.pick, box.holder = pick, holder
-    return box
+def kv_explorer(lm:LM, tokens:int=256, chunk:int=32, # the model; decoding perplexity over `tokens` in `chunk`s
+                methods=None) -> widgets.VBox: # method classes offered (default: `KV_METHODS`, SnapKV first)
+    "`explore` over KV methods: pick one, set its knobs, see perplexity, bytes and kept positions."
+    methods = methods or KV_METHODS
+    return explore(methods, kv_evaluator(lm, tokens, chunk), value='SnapKV' if methods is KV_METHODS else None)
 
 # %% ../nbs/21_kv_study.ipynb #b0cd3622
 def study_methods(ratios=(0.5, 0.75, 0.9)) -> list:

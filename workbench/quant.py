@@ -12,12 +12,13 @@ from torch import nn
 from .core import LM, Knob, Method, WorkbenchError, check_choice
 from .methods import swap_modules
 from .ledger import weight_bytes
+from .packing import pack, unpack, affine_encode, affine_dequantize
 
 # %% auto #0
-__all__ = ['BLOCK_NAME', 'LAYER_SETS', 'one_thread', 'pack', 'unpack', 'groups_of', 'expand', 'dequantize', 'Quantized',
-           'PackedLinear', 'QuantLinear', 'in_blocks', 'quant_knobs', 'targets', 'WeightQuant', 'RTN', 'shrink_lp',
-           'HQQ', 'calib_batches', 'block_list', 'hidden_out', 'to_float64', 'RMSNorm64', 'as_float64_norm',
-           'float64_copy', 'block_inputs', 'gptq_quantize', 'GPTQ', 'kmeans_1d', 'PaletteLinear', 'KMeans']
+__all__ = ['BLOCK_NAME', 'LAYER_SETS', 'one_thread', 'groups_of', 'expand', 'Quantized', 'PackedLinear', 'QuantLinear',
+           'in_blocks', 'quant_knobs', 'targets', 'WeightQuant', 'RTN', 'shrink_lp', 'HQQ', 'calib_batches',
+           'block_list', 'hidden_out', 'to_float64', 'RMSNorm64', 'as_float64_norm', 'float64_copy', 'block_inputs',
+           'gptq_quantize', 'GPTQ', 'kmeans_1d', 'PaletteLinear', 'KMeans']
 
 # %% ../nbs/10_quant.ipynb #5bd23563
 @contextmanager
@@ -26,37 +27,6 @@ def one_thread():
     n = torch.get_num_threads(); torch.set_num_threads(1)
     try: yield
     finally: torch.set_num_threads(n)
-
-# %% ../nbs/10_quant.ipynb #4ab21707
-def pack(codes:torch.Tensor, # integer codes in 0 .. 2^bits - 1, any shape
-         bits:int) -> torch.Tensor: # 1 to 8
-    "The codes, flattened, packed into a 1-D uint8 tensor of ceil(n / 8) * bits bytes."
-    if not 1 <= bits <= 8: raise WorkbenchError(f"bits={bits} is out of range; valid: [1, 8]")
-    c = codes.reshape(-1).to(torch.uint8)
-    c = F.pad(c, (0, -len(c) % 8))
-    if 8 % bits == 0: # 8/bits codes per byte
-        per = 8 // bits
-        c = c.view(-1, per)
-        out = torch.zeros(len(c), dtype=torch.uint8)
-        for i in range(per): out |= c[:, i] << (bits * i)
-        return out
-    c = c.view(-1, 8) # bit planes: 8 codes -> `bits` bytes
-    planes = torch.zeros(bits, len(c), dtype=torch.uint8)
-    for k in range(bits):
-        for i in range(8): planes[k] |= ((c[:, i] >> k) & 1) << i
-    return planes.view(-1)
-
-def unpack(packed:torch.Tensor, bits:int, n:int) -> torch.Tensor:
-    "The first `n` codes (uint8, 1-D) of a tensor made by `pack`."
-    if 8 % bits == 0:
-        per = 8 // bits
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
-        return ((packed[:, None] >> shifts) & (2**bits - 1)).view(-1)[:n]
-    planes = packed.view(bits, -1)
-    shifts = torch.arange(8, dtype=torch.uint8)
-    out = torch.zeros(planes.shape[1], 8, dtype=torch.uint8)
-    for k in range(bits): out |= ((planes[k][:, None] >> shifts) & 1) << k
-    return out.view(-1)[:n]
 
 # %% ../nbs/10_quant.ipynb #2c1527dc
 def groups_of(w:torch.Tensor, # [out, in] weight matrix
@@ -72,17 +42,6 @@ def expand(p:torch.Tensor, group:int, n:int) -> torch.Tensor:
     return p if p.shape[1] == n else p.repeat_interleave(group, 1, output_size=p.shape[1] * group)[:, :n]
 
 # %% ../nbs/10_quant.ipynb #2a847872
-def dequantize(codes:torch.Tensor, scale:torch.Tensor, offset:torch.Tensor|None, bits:int, group:int,
-               dtype=torch.float32) -> torch.Tensor: # the weight's dtype (GPTQ's float64 solve asks for float64)
-    "The weight `code * scale + offset` (offset `-2^(bits-1) * scale` when None: symmetric)."
-    rows, n = codes.shape
-    s = scale.to(dtype); o = offset.to(dtype) if offset is not None else -(2 ** (bits - 1)) * s
-    c = codes.to(dtype)
-    if s.shape[1] == 1: return c * s + o # one scale per tensor or per row: broadcast
-    if n % group == 0: # whole groups: a view, no copy of the scales
-        return (c.view(rows, -1, group) * s[..., None] + o[..., None]).view(rows, n)
-    return c * expand(s, group, n) + expand(o, group, n) # a last partial group
-
 @dataclass
 class Quantized:
     "A quantized weight matrix: codes, fp16 scales and offsets per group, and how to rebuild it."
@@ -91,7 +50,8 @@ class Quantized:
     offset: torch.Tensor|None # fp16 [rows, groups], or None (symmetric)
     bits: int # bits per code
     group: int # input columns per group
-    def dequantize(self) -> torch.Tensor: return dequantize(self.codes, self.scale, self.offset, self.bits, self.group)
+    def dequantize(self) -> torch.Tensor:
+        return affine_dequantize(self.codes, self.scale, self.offset, self.bits, group=self.group)
 
 # %% ../nbs/10_quant.ipynb #5a0e0881
 class PackedLinear(nn.Module):
@@ -113,11 +73,13 @@ class QuantLinear(PackedLinear):
     def __init__(self, lin:nn.Linear, q:Quantized):
         super().__init__(lin)
         self.bits, self.group = q.bits, q.group
-        self.register_buffer('packed', pack(q.codes, q.bits))
+        self.register_buffer('packed', pack(q.codes.reshape(-1), q.bits)) # one slice: ceil(out * in * bits / 8) bytes
         self.register_buffer('scale', q.scale.half())
         self.register_buffer('offset', None if q.offset is None else q.offset.half())
-    def codes(self): return unpack(self.packed, self.bits, self.out_features * self.in_features).view(self.out_features, self.in_features)
-    def dequantize(self): return dequantize(self.codes(), self.scale, self.offset, self.bits, self.group)
+    def codes(self):
+        shape = (self.out_features, self.in_features)
+        return unpack(self.packed, self.bits, n=math.prod(shape)).view(shape)
+    def dequantize(self): return affine_dequantize(self.codes(), self.scale, self.offset, self.bits, group=self.group)
 
 # %% ../nbs/10_quant.ipynb #0484e38a
 BLOCK_NAME = re.compile(r'(^|\.)layers?\.\d+\.')
@@ -145,6 +107,7 @@ def targets(model:nn.Module, select) -> list:
 # %% ../nbs/10_quant.ipynb #57ed8500
 class WeightQuant(Method):
     "Base of affine weight quantizers: per-group scale and offset, codes stored packed in `QuantLinear`."
+    abstract = True # a base: its subclasses are the methods
     family = 'quant'
     knobs = quant_knobs()
 
@@ -168,8 +131,7 @@ class WeightQuant(Method):
 
     def encode(self, g, scale, offset) -> torch.Tensor:
         "Nearest codes of `g` on the grid of the stored `scale` and `offset`."
-        s = scale.float(); o = offset.float() if offset is not None else -(2 ** (self.bits - 1)) * s
-        return ((g - o) / s).round().clamp(0, self.maxq).to(torch.uint8)
+        return affine_encode(g, scale, offset, self.bits)
 
     def quantize(self, w:torch.Tensor, lin:nn.Linear=None) -> Quantized:
         "Quantize a weight matrix `[out, in]` group by group with `choose` and `encode`."
@@ -342,7 +304,7 @@ def gptq_quantize(m:WeightQuant, # supplies bits, granularity, `choose` and `enc
                     scales.append(s); offsets.append(o)
                 q = m.encode(W1[:, i:i + 1], s, o)
                 codes[:, c] = q[:, 0]
-                err = (W1[:, i] - dequantize(q, s, o, m.bits, 1, dtype)[:, 0]) / U1[i, i]
+                err = (W1[:, i] - affine_dequantize(q, s, o, m.bits, group=1, dtype=dtype)[:, 0]) / U1[i, i]
                 W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
                 E1[:, i] = err
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
@@ -413,10 +375,10 @@ class PaletteLinear(PackedLinear):
     def __init__(self, lin:nn.Linear, idx:torch.Tensor, lut:torch.Tensor, bits:int):
         super().__init__(lin)
         self.bits = bits
-        self.register_buffer('packed', pack(idx, bits))
+        self.register_buffer('packed', pack(idx.reshape(-1), bits)) # one slice, as in `QuantLinear`
         self.register_buffer('lut', lut.half())
     def dequantize(self):
-        idx = unpack(self.packed, self.bits, self.out_features * self.in_features).view(len(self.lut), -1).long()
+        idx = unpack(self.packed, self.bits, n=self.out_features * self.in_features).view(len(self.lut), -1).long()
         return self.lut.float().gather(1, idx).view(self.out_features, self.in_features)
 
 class KMeans(WeightQuant):

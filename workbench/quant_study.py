@@ -13,15 +13,17 @@ from .core import LM, Knob, WorkbenchError
 from .methods import swap_modules
 from .ledger import weight_bytes, storage_bytes
 from .quant import (RTN, HQQ, GPTQ, KMeans, WeightQuant, PackedLinear, QuantLinear, LAYER_SETS, BLOCK_NAME,
-                             block_list, block_inputs, calib_batches, hidden_out, in_blocks, one_thread, pack, shrink_lp, targets, unpack)
+                             block_list, block_inputs, calib_batches, hidden_out, in_blocks, one_thread,
+                             shrink_lp, targets)
+from .packing import pack, unpack
 
 # %% auto #0
 __all__ = ['units_of', 'block_index', 'Passthrough', 'start_at', 'model_output', 'divergence', 'fake_quantized', 'sensitivity',
            'check_budget', 'allocate', 'MixedPrecision', 'residual_stack', 'StackLinear', 'BitStack', 'QuantoPeer',
            'HQQPeer', 'hqq_library_linear', 'peers_available', 'shrink_lp_library', 'HQQVariant', 'library_ingredients',
            'quantized_weights', 'measure', 'hqq_layer_errors', 'hqq_ablation', 'layer_table', 'layer_heatmap',
-           'smollm2_grid', 'minilm_grid', 'quant_study', 'bench_configs', 'bench_quant', 'bench_matmul',
-           'output_change', 'explore_quant', 'quant_explorer']
+           'smollm2_grid', 'minilm_grid', 'quant_study', 'bench_configs', 'bench', 'bench_matmul', 'output_change',
+           'quant_evaluator', 'quant_explorer']
 
 # %% ../nbs/11_quant_study.ipynb #9722ddc4
 def units_of(model:nn.Module, select, unit:str='sublayer') -> dict:
@@ -204,11 +206,12 @@ class StackLinear(PackedLinear):
     def __init__(self, lin:nn.Linear, signs, u, v, act_scale):
         super().__init__(lin)
         self.k, self.bits = len(u), len(u)
-        self.register_buffer('packed', pack(signs, 1))
+        self.register_buffer('packed', pack(signs.reshape(-1), 1)) # one slice: ceil(k * out * in / 8) bytes
         self.register_buffer('u', u.half().clone()); self.register_buffer('v', v.half().clone()) # copies: not views of the whole stack
         self.register_buffer('act_scale', act_scale.half().clone())
     def dequantize(self):
-        sign = unpack(self.packed, 1, self.k * self.out_features * self.in_features).view(self.k, self.out_features, self.in_features)
+        shape = (self.k, self.out_features, self.in_features)
+        sign = unpack(self.packed, 1, n=math.prod(shape)).view(shape)
         w = ((sign.float() * 2 - 1) * (self.u.float() @ self.v.float())).sum(0)
         return w / self.act_scale.float()
 
@@ -536,7 +539,7 @@ def quant_study(lm:LM, methods:list, task, name:str) -> pd.DataFrame:
 
 # %% ../nbs/11_quant_study.ipynb #96b1445c
 def bench_configs(peers:bool=True) -> list:
-    "Ours and (when installed) the peers at matching settings."
+    "Ours and (when installed) the peers at matching settings: the rows of `bench`."
     ours = [RTN(bits=8, granularity='channel', symmetric=True), RTN(bits=4, group_size=128), HQQ(bits=4, group_size=128), GPTQ(bits=4, group_size=128)]
     ours += [cls(bits=b, group_size=64) for b in (4, 3) for cls in (RTN, HQQ, GPTQ)]
     ours += [HQQ(bits=b, group_size=64, zero_init='rounded') for b in (4, 3)] # the library's first zero (it rounds at 4 bits)
@@ -545,11 +548,11 @@ def bench_configs(peers:bool=True) -> list:
              ([HQQPeer(bits=4, group_size=64), HQQPeer(bits=3, group_size=64)] if have.get('hqq') else [])
     return ours + theirs
 
-def bench_quant(tokens:int=2048, # tokens of the `eval` split
-                window:int=512, # tokens per perplexity window
-                peers:bool=True, # include the optional peer libraries when installed
-                methods:list=None, # default: `bench_configs(peers)`
-                progress=print) -> pd.DataFrame:
+def bench(tokens:int=2048, # tokens of the `eval` split
+          window:int=512, # tokens per perplexity window
+          peers:bool=True, # include the optional peer libraries when installed
+          methods:list=None, # default: `bench_configs(peers)`
+          progress=print) -> pd.DataFrame:
     "Perplexity, bytes and time to quantize of our methods and the peers, on SmolLM2 in one run."
     from workbench.models import load
     from workbench.tasks import Perplexity
@@ -591,25 +594,21 @@ def output_change(lm:LM, method, batch) -> float:
     return ((out - base).norm() / base.norm()).item()
 
 # %% ../nbs/11_quant_study.ipynb #34662097
-def explore_quant(lm:LM, method_cls=RTN, fixed:dict=None):
-    "Widgets for the knobs of `method_cls` redrawing the per-layer heatmap of `lm` (error, or allocated bits)."
-    from workbench.viz import explore, fmt_bytes
+def quant_evaluator(lm:LM):
+    "`evaluate(method) -> Figure` for `explore`: the per-layer heatmap of `lm` (error, or allocated bits) and bytes."
+    from workbench.viz import fmt_bytes
     def evaluate(m):
         t = layer_table(lm, m)
         value = 'bits' if isinstance(m, (MixedPrecision, BitStack)) else 'rel_error'
         n = quantized_weights(lm, m)
-        return layer_heatmap(t, value, title=f"{m.name}<br>{fmt_bytes(t.bytes.sum())} in the quantized layers, {t.bytes.sum() * 8 / n:.2f} bits per weight")
-    return explore(method_cls, evaluate, fixed)
+        held = t.bytes.sum()
+        title = f"{m.name}<br>{fmt_bytes(held)} in the quantized layers, {held * 8 / n:.2f} bits per weight"
+        return layer_heatmap(t, value, title=title)
+    return evaluate
 
-# %% ../nbs/11_quant_study.ipynb #fec338d1
-def quant_explorer(lm:LM, classes:tuple=(RTN, HQQ, GPTQ, KMeans, MixedPrecision, BitStack), fixed:dict=None):
-    "A method dropdown above `explore_quant` of the chosen method."
-    import ipywidgets as widgets
-    fixed = fixed or {}
-    pick = widgets.Dropdown(options={c.__name__: c for c in classes}, description='method')
-    box = widgets.VBox([pick])
-    def show(cls):
-        box.current = explore_quant(lm, cls, fixed.get(cls.__name__)); box.children = [pick, box.current]
-    pick.observe(lambda change: show(change['new']), 'value')
-    show(classes[0]); box.pick = pick
-    return box
+def quant_explorer(lm:LM, # the model quantized
+                   methods=(RTN, HQQ, GPTQ, KMeans, MixedPrecision, BitStack), # a class, several, or name -> class
+                   fixed:dict=None): # no control: `{knob: value}`, or `{method name: {knob: value}}`
+    "`explore` over quantizers: pick one, set its knobs, see the per-layer heatmap of `lm`."
+    from workbench.viz import explore
+    return explore(methods, quant_evaluator(lm), fixed)

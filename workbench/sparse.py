@@ -8,16 +8,14 @@ import math, time
 from typing import ClassVar
 import pandas as pd, torch, torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention, create_block_mask, BlockMask
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .core import LM, Knob, Method, WorkbenchError
+from .methods import entered, use_attention
 from .models import facts
 from .ledger import kv_bytes_theory
 
 # %% auto #0
-__all__ = ['BACKENDS', 'QUERY_CHUNK', 'FLEX_BLOCK', 'BACKEND_KNOB', 'SPARSE_METHODS', 'compiled_flex', 'sparse_attention',
-           'causal', 'SparseAttention', 'Window', 'SinkWindow', 'Strided', 'BlockSparse', 'gqa_scores', 'topk_mask',
+__all__ = ['BACKENDS', 'QUERY_CHUNK', 'FLEX_BLOCK', 'BACKEND_KNOB', 'SPARSE_METHODS', 'compiled_flex', 'causal',
+           'SparseAttention', 'Window', 'SinkWindow', 'Strided', 'BlockSparse', 'gqa_scores', 'topk_mask',
            'masked_softmax_attention', 'ScoreSelect', 'TopK', 'SparseWindow', 'block_bounds', 'block_pairs',
            'DynamicBlockSparse', 'reference_attention', 'method_mask', 'max_error', 'page_scores', 'top_pages', 'Quest',
            'decode_mask', 'RecordQKV', 'as_eviction', 'droppable_kv', 'mask_figure', 'mask_explorer', 'bench_methods',
@@ -42,21 +40,6 @@ def compiled_flex():
         _compiled['flex'] = torch.compile(flex_attention)
     return _compiled['flex']
 
-# %% ../nbs/40_sparse.ipynb #298a7fd6
-def sparse_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    "Attention of the active sparse method (registered as attention implementation 'workbench_sparse')."
-    if kwargs.get('softcap') is not None: raise WorkbenchError(f"sparse attention does not support logit soft-capping (softcap={kwargs['softcap']})")
-    if kwargs.get('sliding_window') or getattr(module, 'sliding_window', None): # a sliding layer (Gemma 3) keeps its own window
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    method = module.config.workbench_sparse
-    allowed = None
-    if attention_mask is not None: allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    out = method.attend(query, key, value, allowed, module.scaling if scaling is None else scaling, layer=getattr(module, 'layer_idx', None))
-    return out.transpose(1, 2).contiguous(), None
-
-AttentionInterface.register('workbench_sparse', sparse_attention)
-AttentionMaskInterface.register('workbench_sparse', sdpa_mask)
-
 # %% ../nbs/40_sparse.ipynb #edfaead8
 def _fraction(part, whole) -> float:
     "`part / whole`, NaN when `whole` is 0 (nothing counted)."
@@ -68,11 +51,13 @@ def causal(q, k):
 
 class SparseAttention(Method):
     "Base of the sparse methods: a (query, key) mask run by masked SDPA or by FlexAttention block masks."
+    abstract = True # a base: its subclasses are the methods
     family, simulated = 'sparse', True # a mask: every key stays in the cache (see `kv_tokens_needed` for what could go)
     dynamic: ClassVar[bool] = False # the mask depends on the queries and keys
     flex_block: ClassVar[bool] = True # FlexAttention can express the pattern as a block mask
     scores_all: ClassVar[bool] = False # selecting computes every causal score (exact top-k): computed pairs = causal pairs
     decode_only: ClassVar[bool] = False # sparse only in decoding steps (Quest): prefill forwards are dense
+    skip_sliding: ClassVar[bool] = True # sliding-window layers keep the model's own windowed SDPA (see above)
     trace: ClassVar[list|None] = None # set an instance's `trace = []` to record each forward (layer, lengths, dense; q, k, mask of decoding steps)
     knobs = (BACKEND_KNOB,)
 
@@ -118,14 +103,8 @@ class SparseAttention(Method):
         if lm.kind != 'causal': raise WorkbenchError(f"{self.name} masks causal self-attention; {lm.name} is of kind {lm.kind!r}")
         if self.backend == 'flex' and any(w is not None for w in facts(lm)['windows']):
             raise WorkbenchError(f"backend='flex' runs models whose layers all use full attention; {lm.name} has sliding-window layers; valid backend for it: 'sdpa'")
-        give_back = lm.take('attention', self, self)
-        cfg = lm.model.config
-        old = cfg._attn_implementation
-        cfg.workbench_sparse = self
-        lm.model.set_attn_implementation('workbench_sparse')
+        undo = entered(use_attention(lm, self))
         self.reset()
-        def undo():
-            lm.model.set_attn_implementation(old); del cfg.workbench_sparse; give_back()
         return undo
 
     def attend(self, q, k, v, allowed, scaling, layer:int|None=None):
@@ -263,6 +242,7 @@ def masked_softmax_attention(scores:torch.Tensor, mask:torch.Tensor, v:torch.Ten
 
 class ScoreSelect(SparseAttention):
     "Base of the methods that select keys by their exact scores: the scores are computed once, for selection and attention."
+    abstract = True # a base: its subclasses are the methods
     dynamic, flex_block, scores_all = True, False, True
     def attend_chunk(self, q, k, v, q_pos, k_pos, allowed, scaling):
         s = gqa_scores(q, k, scaling)
@@ -477,19 +457,15 @@ def mask_figure(method:SparseAttention, rec:RecordQKV, layer:int=5, head:int=0):
     fig.update_yaxes(autorange='reversed', title='query'); fig.update_xaxes(title='key')
     return fig.update_layout(title=f'{method.name}, layer {layer}, head {head}', height=420)
 
-def mask_explorer(rec:RecordQKV, pattern:str='SinkWindow'):
-    "Widgets for pattern, knobs, layer and head that redraw `mask_figure`."
-    import ipywidgets as widgets
+def mask_explorer(rec:RecordQKV, # recorded queries and keys of one forward
+                  pattern:str='SinkWindow'): # the pattern shown first
+    "`explore` over the sparse patterns (sdpa backend), with layer and head: the mask and the attention it keeps."
     from workbench.viz import explore
-    layer = widgets.IntSlider(value=5, min=0, max=len(rec.seen) - 1, description='layer', continuous_update=False)
-    head = widgets.IntSlider(value=0, min=0, max=rec.seen[0][0].shape[1] - 1, description='head', continuous_update=False)
-    pick = widgets.Dropdown(options=list(SPARSE_METHODS), value=pattern, description='pattern')
-    holder = widgets.VBox()
-    def redraw(change=None):
-        holder.children = [explore(SPARSE_METHODS[pick.value], lambda m: mask_figure(m, rec, layer.value, head.value), fixed={'backend': 'sdpa'})]
-    for w_ in (pick, layer, head): w_.observe(redraw, 'value')
-    redraw()
-    return widgets.VBox([pick, layer, head, holder])
+    layers, heads = len(rec.seen), rec.seen[0][0].shape[1]
+    where = (Knob('layer', min(5, layers - 1), low=0, high=layers - 1, doc='block'),
+             Knob('head', 0, low=0, high=heads - 1, doc='query head'))
+    return explore(SPARSE_METHODS, lambda m, layer, head: mask_figure(m, rec, layer, head),
+                   fixed={'backend': 'sdpa'}, extra=where, value=pattern)
 
 # %% ../nbs/40_sparse.ipynb #d36f4885
 def _best(f, repeats):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd, torch, transformers
 from tqdm.auto import tqdm
 import workbench
-from .core import LM, Method, Stack, Task, WorkbenchError, check_choice, config_hash
+from .core import FAMILIES, LM, Method, Stack, Task, WorkbenchError, check_choice, config_hash
 from .models import load, facts, cache_dir
 from .ledger import weight_bytes, ledger_row
 
@@ -118,14 +118,16 @@ def import_studies():
     "Import every module that defines methods or tasks, so the registries see them."
     for m in STUDY_MODULES: importlib.import_module(f'workbench.{m}')
 
-def method_registry() -> dict:
-    "Every Method subclass defined in workbench, by class name."
+def method_registry(family:str|None=None, # only this family's methods ('quant', 'kv', 'tokens', 'sparse')
+                    bases:bool=False) -> dict: # include the bases other methods build on (`Method.abstract`)
+    "Every Method subclass defined in workbench, by class name: what study grids, specs and explorers offer."
     import_studies()
+    if family is not None: check_choice('family', family, FAMILIES)
     found, todo = {}, list(Method.__subclasses__())
     while todo:
         c = todo.pop(); todo += c.__subclasses__()
-        if c.__module__.startswith('workbench.') and c is not Stack: found[c.__name__] = c
-    return dict(sorted(found.items()))
+        if c.__module__.startswith('workbench.') and c is not Stack and (bases or c.runnable()): found[c.__name__] = c
+    return {n: c for n, c in sorted(found.items()) if family in (None, c.family)}
 
 def task_registry() -> dict:
     "Every task of workbench, by task name."

@@ -328,20 +328,12 @@ class ContinuationPPL(Task):
 # %% ../nbs/31_tokens_text.ipynb #ba483692
 def prompt_explorer(lm:LM, ids:torch.Tensor, question:torch.Tensor=None, # a causal `LM`; context ids; question ids
                     methods=None): # method classes offered (default: FastV, AttnPrune, SelfInfo, RandomPrompt)
-    "A widget: a method dropdown and its knob controls (keep ratio, layer k), redrawing the text with the kept tokens highlighted."
-    import ipywidgets as widgets
-    from IPython.display import HTML, display
+    "`explore` over prompt-dropping methods (seed fixed at 0): the text with the kept tokens highlighted."
+    from IPython.display import HTML
     from workbench.viz import explore
-    methods = {c.__name__: c for c in (methods or (FastV, AttnPrune, SelfInfo, RandomPrompt))}
-    pick, out = widgets.Dropdown(options=list(methods), description='method'), widgets.Output()
-    box = widgets.VBox([pick, out])
-    def show(change=None):
-        cls = methods[pick.value]
-        def draw(m):
-            m.check_model(lm)
-            return HTML(highlight(lm.tokenizer, ids, m.select(lm, ids, question), question))
-        box.explorer = explore(cls, draw, fixed={'seed': 0} if cls is RandomPrompt else None)
-        with out: out.clear_output(wait=True); display(box.explorer)
-    pick.observe(show, 'value'); show()
-    box.pick = pick
-    return box
+    methods = methods or (FastV, AttnPrune, SelfInfo, RandomPrompt)
+    def draw(m):
+        m.check_model(lm)
+        return HTML(highlight(lm.tokenizer, ids, m.select(lm, ids, question), question))
+    seeded = {c.__name__: {'seed': 0} for c in methods if any(k.name == 'seed' for k in c.knobs)}
+    return explore(methods, draw, fixed=seeded)

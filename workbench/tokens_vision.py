@@ -10,17 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .core import LM, Knob, Method, WorkbenchError, config_hash
+from .methods import entered, sdpa, use_attention
 from .models import cache_dir
 from .encoders import LinearProbe, encoder_layers, fashion_subset, vit_inputs
 
 # %% auto #0
-__all__ = ['PALETTE', 'TokenState', 'TokenLayer', 'TokenMethod', 'PatchDrop', 'RandomPatchDrop', 'EViT', 'split_budget', 'HiRED',
-           'max_r', 'bipartite_merge', 'ToMe', 'Meter', 'metered', 'pool_weights', 'size_pool', 'token_features',
-           'TokenProbe', 'token_map', 'patch_figure', 'kept_blank', 'token_explorer']
+__all__ = ['PALETTE', 'TokenState', 'proportional_attention', 'TokenLayer', 'TokenMethod', 'PatchDrop', 'RandomPatchDrop', 'EViT',
+           'split_budget', 'HiRED', 'max_r', 'bipartite_merge', 'ToMe', 'Meter', 'metered', 'pool_weights', 'size_pool',
+           'token_features', 'TokenProbe', 'token_map', 'patch_figure', 'kept_blank', 'token_explorer']
 
 # %% ../nbs/30_tokens_vision.ipynb #44b25c8b
 class TokenState:
@@ -68,22 +66,19 @@ class TokenState:
         return h.gather(1, self.owner[..., None].expand(-1, -1, h.shape[-1]))
 
 # %% ../nbs/30_tokens_vision.ipynb #77e6130d
-def _tokens_attention(module, query, key, value, attention_mask, **kwargs):
-    "SDPA with ToMe's proportional attention (+log size on the keys); records CLS attention and mean keys for the active token method."
-    st = module.config.workbench_tokens
-    bias = st.size.log()[:, None, None, :].to(query.dtype) if st.size is not None and st.method.proportional else None
-    if attention_mask is not None:
-        m = attention_mask if attention_mask.dtype != torch.bool else torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(~attention_mask, float('-inf'))
+def proportional_attention(st:TokenState, # the running forward's state: token sizes, layer, what to record
+                           q, k, v, # [B, H, N, d] queries, keys, values of one attention call
+                           allowed, scaling): # the model's mask as booleans (or None); the softmax scale
+    "SDPA with ToMe's proportional attention (+log size on the keys); records CLS attention and mean keys in `st`."
+    bias = st.size.log()[:, None, None, :].to(q.dtype) if st.size is not None and st.method.proportional else None
+    if allowed is not None:
+        m = torch.zeros_like(allowed, dtype=q.dtype).masked_fill(~allowed, float('-inf'))
         bias = m if bias is None else bias + m
     if st.layer in st.cls_layers:
-        logits = query[:, :, :1] @ key.transpose(-1, -2) * kwargs.get('scaling', query.shape[-1] ** -0.5)
+        logits = q[:, :, :1] @ k.transpose(-1, -2) * scaling
         st.cls[st.layer] = (logits if bias is None else logits + bias).softmax(-1).mean(1)[:, 0] # [B, N]
-    if st.method.needs_keys: st.keys = key.mean(1)
-    kwargs.pop('is_causal', None)
-    return sdpa_attention_forward(module, query, key, value, bias, is_causal=False, **kwargs)
-
-AttentionInterface.register('workbench_tokens', _tokens_attention)
-AttentionMaskInterface.register('workbench_tokens', sdpa_mask)
+    if st.method.needs_keys: st.keys = k.mean(1)
+    return sdpa(q, k, v, bias, scaling)
 
 # %% ../nbs/30_tokens_vision.ipynb #989f7433
 def _visible(mask) -> bool:
@@ -121,7 +116,8 @@ class TokenLayer(nn.Module):
 
 # %% ../nbs/30_tokens_vision.ipynb #c4a6f306
 class TokenMethod(Method):
-    "Base of in-model token methods: wraps the encoder blocks in `TokenLayer`s and routes attention through 'workbench_tokens'."
+    "Base of in-model token methods: wraps the encoder blocks in `TokenLayer`s; attention is `proportional_attention`."
+    abstract = True # a base: its subclasses are the methods
     family = 'tokens'
     proportional = False # add log(size) to attention logits (ToMe)
     needs_keys = False # record each layer's keys (ToMe)
@@ -138,18 +134,19 @@ class TokenMethod(Method):
         layers = encoder_layers(lm.model)
         self.check_model(len(layers))
         give_tokens = lm.take('tokens', self, None) # no token-id filter: the method acts inside the model
-        try: give_attention = lm.take('attention', self, None)
-        except WorkbenchError: give_tokens(); raise
+        try: give_attention = entered(use_attention(lm, self))
+        except BaseException: give_tokens(); raise
         self.state = st = TokenState(self, len(layers))
-        old, impl = list(layers), lm.model.config._attn_implementation
+        old = list(layers)
         for i, l in enumerate(old): layers[i] = TokenLayer(l, i, st)
-        lm.model.config.workbench_tokens = st
-        lm.model.set_attn_implementation('workbench_tokens')
         def undo():
             for i, l in enumerate(old): layers[i] = l
-            lm.model.set_attn_implementation(impl); del lm.model.config.workbench_tokens
             give_attention(); give_tokens()
         return undo
+
+    def attend(self, q, k, v, allowed, scaling, layer=None):
+        "Proportional attention on this forward's `TokenState` (the attention entry point calls it)."
+        return proportional_attention(self.state, q, k, v, allowed, scaling)
 
 # %% ../nbs/30_tokens_vision.ipynb #ccc3fd58
 class PatchDrop(TokenMethod):
@@ -439,17 +436,8 @@ def kept_blank(lm:LM, method, images, size:int=224, # a ViT `LM`; a dropping met
 # %% ../nbs/30_tokens_vision.ipynb #059b1670
 def token_explorer(lm:LM, image, size:int=112, # a ViT `LM`; one uint8 image; input side in pixels
                    methods=None): # method classes offered (default: the four of this chapter)
-    "A widget: a method dropdown and its knob controls, redrawing the patch picture of `image`."
-    import ipywidgets as widgets
-    from IPython.display import display
+    "`explore` over token dropping and merging (seeds fixed at 0): the patch picture of `image`."
     from workbench.viz import explore
-    methods = {c.__name__: c for c in (methods or (RandomPatchDrop, EViT, HiRED, ToMe))}
-    pick, out = widgets.Dropdown(options=list(methods), description='method'), widgets.Output()
-    box = widgets.VBox([pick, out])
-    def show(change=None):
-        cls = methods[pick.value]
-        box.explorer = explore(cls, lambda m: patch_figure(image, token_map(lm, m, image, size), m.name), fixed={'seed': 0} if cls is RandomPatchDrop else None)
-        with out: out.clear_output(wait=True); display(box.explorer)
-    pick.observe(show, 'value'); show()
-    box.pick = pick
-    return box
+    methods = methods or (RandomPatchDrop, EViT, HiRED, ToMe)
+    seeded = {c.__name__: {'seed': 0} for c in methods if any(k.name == 'seed' for k in c.knobs)}
+    return explore(methods, lambda m: patch_figure(image, token_map(lm, m, image, size), m.name), fixed=seeded)

@@ -5,16 +5,17 @@
 # %% ../nbs/07_viz.ipynb #97fed865
 from __future__ import annotations
 import html
-from IPython.display import display
+from IPython import get_ipython
+from IPython.core.formatters import DisplayFormatter
 from pathlib import Path
 import numpy as np, pandas as pd
 import plotly.express as px, plotly.graph_objects as go
 import ipywidgets as widgets
-from .core import WorkbenchError, check_choice, Knob
+from .core import WorkbenchError, check_choice, Knob, Method
 
 # %% auto #0
-__all__ = ['BYTE_UNITS', 'REPORT_CSS', 'byte_unit', 'fmt_bytes', 'check_columns', 'frontier', 'pareto', 'knob_widget', 'explore',
-           'report_html', 'chart_png']
+__all__ = ['BYTE_UNITS', 'REPORT_CSS', 'byte_unit', 'fmt_bytes', 'check_columns', 'frontier', 'pareto', 'knob_widget',
+           'result_outputs', 'explore', 'report_html', 'chart_png']
 
 # %% ../nbs/07_viz.ipynb #18574aa6
 BYTE_UNITS = (('B', 1), ('KB', 1e3), ('MB', 1e6), ('GB', 1e9), ('TB', 1e12))
@@ -79,39 +80,100 @@ def pareto(df:pd.DataFrame, # results, one row per configuration
     return fig.update_layout(xaxis_title=f"{xl} (fewer is better)", yaxis_title=f"{yl} ({'lower' if lower_is_better else 'higher'} is better)")
 
 # %% ../nbs/07_viz.ipynb #01039484
-def knob_widget(knob:Knob) -> widgets.Widget:
+def knob_widget(knob:Knob, # the knob the control sets
+                value=None # where the control starts, when valid for `knob` (else at the knob's default)
+               ) -> widgets.Widget:
     "A control for `knob`: slider for ranged numbers, text box for open ones, dropdown for choices, checkbox for bools."
-    kw = dict(value=knob.default, description=knob.name, tooltip=knob.doc, style={'description_width': 'initial'})
+    try: v = knob.default if value is None else knob.check(value)
+    except WorkbenchError: v = knob.default
+    kw = dict(value=v, description=knob.name, tooltip=knob.doc, style={'description_width': 'initial'})
     if knob.kind == 'bool': return widgets.Checkbox(indent=False, **kw)
     if knob.kind == 'choice': return widgets.Dropdown(options=knob.choices, **kw)
     num = knob.kind == 'int'
     if knob.low is None or knob.high is None: return (widgets.IntText if num else widgets.FloatText)(**kw)
     if num: return widgets.IntSlider(min=knob.low, max=knob.high, continuous_update=False, **kw)
-    return widgets.FloatSlider(min=knob.low, max=knob.high, step=(knob.high - knob.low) / 100, continuous_update=False, **kw)
+    step = (knob.high - knob.low) / 100
+    return widgets.FloatSlider(min=knob.low, max=knob.high, step=step, continuous_update=False, **kw)
+
+# %% ../nbs/07_viz.ipynb #b7e2c4a2
+def result_outputs(result) -> tuple:
+    "What `evaluate` returned as outputs of an `ipywidgets.Output`: as the notebook displays it; a dict as a table."
+    if result is None: return ()
+    if isinstance(result, (list, tuple)): return sum((result_outputs(r) for r in result), ())
+    if isinstance(result, dict): result = pd.Series(result, dtype=object).to_frame('value')
+    if hasattr(result, '_repr_mimebundle_'): data, meta = result._repr_mimebundle_(), {} # plotly figures, widgets
+    else: data, meta = (getattr(get_ipython(), 'display_formatter', None) or DisplayFormatter()).format(result)
+    if isinstance(data, tuple): data, meta = data
+    return (dict(output_type='display_data', data=data or {'text/plain': repr(result)}, metadata=meta or {}),)
 
 # %% ../nbs/07_viz.ipynb #21aca475
-def explore(method_cls:type, # a `Method` subclass
-            evaluate, # `evaluate(method) -> plotly Figure`
-            fixed:dict|None=None # knob values held fixed, without a control
+def _method_classes(methods) -> dict:
+    "Name -> class from one `Method` class, a sequence of them, or a dict name -> class."
+    seq = methods if isinstance(methods, (list, tuple)) else [methods]
+    classes = dict(methods) if isinstance(methods, dict) else {getattr(c, '__name__', repr(c)): c for c in seq}
+    if not classes: raise WorkbenchError("explore needs at least one Method class")
+    for n, c in classes.items():
+        if not (isinstance(c, type) and issubclass(c, Method)):
+            raise WorkbenchError(f"explore takes Method classes; {n!r} is {c!r}")
+    return classes
+
+def _fixed_knobs(classes:dict, fixed:dict|None) -> dict:
+    "Class name -> {knob: value} from `{knob: value}` (every class with that knob) or `{class name: {knob: value}}`."
+    names = {n: [k.name for k in c.knobs] for n, c in classes.items()}
+    out = {n: {} for n in classes}
+    for key, v in (fixed or {}).items():
+        if isinstance(v, dict):
+            check_choice('method in fixed', key, list(classes))
+            for k, x in v.items(): out[key][check_choice(f"knob of {key}", k, names[key])] = x
+            continue
+        check_choice(f"knob of {', '.join(classes)}", key, list(dict.fromkeys(k for ks in names.values() for k in ks)))
+        for n in classes:
+            if key in names[n]: out[n][key] = v
+    return out
+
+def _plain(v): return float(f'{v:.6g}') if isinstance(v, float) else v # slider steps add float noise
+
+def explore(methods, # a `Method` class, a sequence of them, or a dict name -> class: a dropdown picks one
+            evaluate, # `evaluate(method, **inputs)` -> plotly Figure, DataFrame, dict of metrics, HTML, or a list
+            fixed:dict|None=None, # no control: `{knob: value}` for each class with that knob, `{class name: {...}}`
+            extra=(), # inputs of `evaluate` that are not knobs: `Knob`s, or a dict name -> widget
+            value=None # the method shown first, by name or class (default: the first)
            ) -> widgets.VBox:
-    "A widget with one control per knob of `method_cls` that redraws `evaluate(method_cls(**values))` on change."
-    fixed, names = dict(fixed or {}), [k.name for k in method_cls.knobs]
-    for k in fixed: check_choice(f"knob of {method_cls.__name__}", k, names)
-    controls = {k.name: knob_widget(k) for k in method_cls.knobs if k.name not in fixed}
-    message, out = widgets.HTML(), widgets.Output()
-    box = widgets.VBox([*controls.values(), message, out])
-    box.controls, box.message = controls, message
+    "Controls for the picked method class's knobs (and `extra`) that show `evaluate(method, **inputs)` on each change."
+    classes = _method_classes(methods); fixed = _fixed_knobs(classes, fixed)
+    inputs = dict(extra) if isinstance(extra, dict) else {k.name: k for k in extra}
+    inputs = {n: knob_widget(w) if isinstance(w, Knob) else w for n, w in inputs.items()}
+    first = next(iter(classes)) if value is None else getattr(value, '__name__', value)
+    pick = widgets.Dropdown(options=list(classes), value=check_choice('method', first, list(classes)),
+                            description='method')
+    knob_box, message, output = widgets.VBox(), widgets.HTML(), widgets.Output()
+    box = widgets.VBox([pick] * (len(classes) > 1) + [knob_box, *inputs.values(), message, output])
+    box.pick, box.inputs, box.message, box.output, box.controls, chosen = pick, inputs, message, output, {}, {}
     def update(change=None):
+        read = lambda controls: {n: _plain(c.value) for n, c in controls.items()}
+        message.value = '<i>computing…</i>'
         try:
-            values = {n: float(f'{c.value:.6g}') if isinstance(c.value, float) else c.value for n, c in controls.items()} # slider steps add float noise
-            box.method = method_cls(**values, **fixed)
-            box.figure, message.value = evaluate(box.method), ''
-        except WorkbenchError as e: box.method, box.figure, message.value = None, None, f'<span style="color:#b00020">{html.escape(str(e))}</span>'
-        with out:
-            out.clear_output(wait=True)
-            if box.figure is not None: display(box.figure)
-    for c in controls.values(): c.observe(update, 'value')
-    update()
+            box.method = classes[pick.value](**read(box.controls), **fixed[pick.value])
+            box.result, message.value = evaluate(box.method, **read(inputs)), ''
+        except Exception as e:
+            box.method = box.result = None
+            message.value = f'<span style="color:#b00020">{html.escape(str(e) or type(e).__name__)}</span>'
+            if not isinstance(e, WorkbenchError): raise
+        finally:
+            box.figure = box.result
+            output.outputs = result_outputs(box.result)
+    def knob_changed(name):
+        def changed(change): chosen[name] = _plain(change['new']); update()
+        return changed
+    def build(change=None):
+        cls, held = classes[pick.value], fixed[pick.value]
+        box.controls = {k.name: knob_widget(k, chosen.get(k.name)) for k in cls.knobs if k.name not in held}
+        for n, c in box.controls.items(): c.observe(knob_changed(n), 'value')
+        knob_box.children = tuple(box.controls.values())
+        update()
+    pick.observe(build, 'value')
+    for c in inputs.values(): c.observe(update, 'value')
+    build()
     return box
 
 # %% ../nbs/07_viz.ipynb #76ba5a00

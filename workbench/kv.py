@@ -18,8 +18,8 @@ from .methods import queries # the rotary queries of one attention module (chapt
 # %% auto #0
 __all__ = ['BITS', 'BUDGET_KNOBS', 'gather_tokens', 'FullStore', 'KiviStore', 'query_support', 'attention_probs', 'KVLayer',
            'choose', 'attention_modules', 'KVMethod', 'kv_cache', 'KIVI', 'Evict', 'StreamingLLM', 'RecentOnly',
-           'RandomEvict', 'H2O', 'SnapKV', 'TOVA', 'SirLLM', 'pyramid_budgets', 'PyramidKV', 'ThinKStore', 'ThinK',
-           'evicted_mask']
+           'RandomEvict', 'H2O', 'SnapKV', 'TOVA', 'SirLLM', 'Knorm', 'pyramid_budgets', 'PyramidKV', 'ThinKStore',
+           'ThinK', 'evicted_mask']
 
 # %% ../nbs/20_kv.ipynb #eeebea6f
 BITS = (2, 4, 8) # bits per key and value code
@@ -439,6 +439,12 @@ class SirLLM(Evict):
         if getattr(cache, 'last_logp', None) is not None: s[0] = -cache.last_logp[ids[0, 0]].float()
         cache.last_logp = logp[-1].half() # held by the cache, counted
         for l in layers: l.state['entropy'][..., -len(s):] = s
+
+# %% ../nbs/20_kv.ipynb #k7n0a002
+class Knorm(Evict):
+    "The keys of smallest L2 norm (Devoto et al., 2024): a low-norm key draws high attention."
+    knobs = Evict.knobs # budget, sinks and window (both 0, as in kvpress's press)
+    def score(self, layer): return -layer.out_k.float().norm(dim=-1) # [B, kv_heads, n]
 
 # %% ../nbs/20_kv.ipynb #8797f036
 def pyramid_budgets(budget:int, # tokens a layer keeps on average, window included (PyramidKV's max_capacity_prompt)

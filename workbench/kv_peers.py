@@ -132,14 +132,14 @@ def kvpress_table(results:list, versions:dict=None) -> pd.DataFrame:
 def kept_pairs(T:int, # context tokens
                ratios=(0.5, 0.75, 0.9)) -> list: # kvpress compression ratios
     "(press, ratio, press kwargs, our method) with the same settings and kvpress's budget `int(T * (1 - ratio))`."
-    from workbench.kv import StreamingLLM, SnapKV, TOVA
+    from workbench.kv import StreamingLLM, SnapKV, TOVA, Knorm
     out = []
     for r in ratios:
         n = max(1, int(T * (1 - r))) # kvpress's compute_n_kept
         out += [('StreamingLLM', r, dict(n_sink=4), StreamingLLM(tokens=n, sinks=4)),
                 ('SnapKV', r, dict(window_size=64, kernel_size=5),
                  SnapKV(tokens=n, window=64, kernel=5, pooling='avg')),
-                ('TOVA', r, {}, TOVA(tokens=n))]
+                ('TOVA', r, {}, TOVA(tokens=n)), ('Knorm', r, {}, Knorm(tokens=n))]
     return out
 
 def our_kept(lm:LM, method, context) -> list:
@@ -164,7 +164,7 @@ def kept_cross_check(context=None, # token ids [T]; default: a 2,048-token needl
                      env=None, # the kvpress environment's folder
                      threads:int=1, # torch threads in the worker
                      progress:bool=True) -> pd.DataFrame:
-    "Our StreamingLLM, SnapKV and TOVA against kvpress's presses on one prefill: agreement of the kept positions per layer and head."
+    "Our StreamingLLM, SnapKV, TOVA and Knorm against kvpress's presses on one prefill: agreement of the kept positions per layer and head."
     from workbench.models import load
     py = kvpress_python(env); lm = lm or load('smollm2-135m')
     if context is None: context = make_needle(lm.tokenizer, 2048, depth=0.5, seed=1).context

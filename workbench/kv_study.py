@@ -18,8 +18,8 @@ from .viz import explore, fmt_bytes
 from .kv import (KVLayer, KIVI, StreamingLLM, RecentOnly, RandomEvict, H2O, SnapKV, TOVA, SirLLM, PyramidKV, ThinK)
 
 # %% auto #0
-__all__ = ['KV_METHODS', 'QuantoKV', 'KVNeedle', 'short_name', 'bench_methods', 'bench', 'kept_positions', 'kept_heatmap',
-           'kv_evaluator', 'kv_explorer', 'study_methods', 'kv_study']
+__all__ = ['QuantoKV', 'KVNeedle', 'short_name', 'bench_methods', 'bench', 'kept_positions', 'kept_heatmap', 'kv_evaluator',
+           'kv_explorer', 'study_methods', 'kv_study']
 
 # %% ../nbs/21_kv_study.ipynb #cd004382
 class QuantoKV(Method):
@@ -141,8 +141,6 @@ def kept_heatmap(cache, title:str='Kept positions', marks:dict=None) -> go.Figur
     return fig.update_layout(title=title, xaxis_title='position', yaxis_title='layer.head', yaxis_autorange='reversed', height=max(300, 6 * L * H))
 
 # %% ../nbs/21_kv_study.ipynb #89f655ad
-KV_METHODS = {c.__name__: c for c in (StreamingLLM, RecentOnly, RandomEvict, H2O, SnapKV, TOVA, SirLLM, PyramidKV, KIVI, ThinK)}
-
 def kv_evaluator(lm:LM, tokens:int=256, chunk:int=32):
     "`evaluate(method) -> Figure` for `explore`: decoding perplexity and bytes, with the kept-position heatmap."
     task = Perplexity(tokens=tokens, window=tokens, chunk=chunk); ref = task.reference(lm)
@@ -158,10 +156,10 @@ def kv_evaluator(lm:LM, tokens:int=256, chunk:int=32):
     return evaluate
 
 def kv_explorer(lm:LM, tokens:int=256, chunk:int=32, # the model; decoding perplexity over `tokens` in `chunk`s
-                methods=None) -> widgets.VBox: # method classes offered (default: `KV_METHODS`, SnapKV first)
+                methods=None) -> widgets.VBox: # classes offered (default: the registry's KV methods, SnapKV first)
     "`explore` over KV methods: pick one, set its knobs, see perplexity, bytes and kept positions."
-    methods = methods or KV_METHODS
-    return explore(methods, kv_evaluator(lm, tokens, chunk), value='SnapKV' if methods is KV_METHODS else None)
+    from workbench.study import method_registry
+    return explore(methods or method_registry('kv'), kv_evaluator(lm, tokens, chunk), value=None if methods else 'SnapKV')
 
 # %% ../nbs/21_kv_study.ipynb #b0cd3622
 def study_methods(ratios=(0.5, 0.75, 0.9)) -> list:

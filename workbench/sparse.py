@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_sparse.ipynb #c8de191c
 from __future__ import annotations
-import math, time
+import math, os, time
 from typing import ClassVar
 import pandas as pd, torch, torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention, create_block_mask, BlockMask
@@ -31,6 +31,9 @@ _compiled = {}
 def compiled_flex():
     "`torch.compile(flex_attention)`, made once per process (the first call pays the compilation; each new pattern or length recompiles)."
     if 'flex' not in _compiled:
+        if os.environ.get('ATEN_CPU_CAPABILITY') == 'default': # torch 2.13: no CPU compile without a vector ISA
+            raise WorkbenchError("backend='flex' needs torch's vector CPU kernels, which ATEN_CPU_CAPABILITY=default "
+                                 "turns off; valid: unset it, or avx2 / avx512; or use backend='sdpa'")
         import torch._dynamo, torch._inductor.config
         # Kernels go to this process's own folder (`core.private_inductor_dir`). One compile thread: no worker pool on
         # a small CPU machine.

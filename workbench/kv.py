@@ -443,7 +443,7 @@ class SirLLM(Evict):
 # %% ../nbs/20_kv.ipynb #k7n0a002
 class Knorm(Evict):
     "The keys of smallest L2 norm (Devoto et al., 2024): a low-norm key draws high attention."
-    knobs = Evict.knobs # budget, sinks and window (both 0, as in kvpress's press)
+    # knobs: the base's budget, sinks and window (both 0, as in kvpress's press)
     def score(self, layer): return -layer.out_k.float().norm(dim=-1) # [B, kv_heads, n]
 
 # %% ../nbs/20_kv.ipynb #8797f036

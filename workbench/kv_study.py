@@ -159,7 +159,8 @@ def kv_explorer(lm:LM, tokens:int=256, chunk:int=32, # the model; decoding perpl
                 methods=None) -> widgets.VBox: # classes offered (default: the registry's KV methods, SnapKV first)
     "`explore` over KV methods: pick one, set its knobs, see perplexity, bytes and kept positions."
     from workbench.study import method_registry
-    return explore(methods or method_registry('kv'), kv_evaluator(lm, tokens, chunk), value=None if methods else 'SnapKV')
+    return explore(methods or method_registry('kv'), kv_evaluator(lm, tokens, chunk),
+                   value=None if methods else 'SnapKV')
 
 # %% ../nbs/21_kv_study.ipynb #b0cd3622
 def study_methods(ratios=(0.5, 0.75, 0.9)) -> list:

@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar
 
 # %% auto #0
 __all__ = ['SLOTS', 'FAMILIES', 'private_inductor_dir', 'WorkbenchError', 'check_choice', 'Knob', 'LM', 'Method', 'Stack',
-           'stack', 'Task', 'config_hash']
+           'stack', 'Task', 'config_hash', 'threads', 'best_time']
 
 # %% ../nbs/00_core.ipynb #a7c3e1d1
 def private_inductor_dir() -> str:
@@ -134,6 +134,10 @@ class Method:
         "Change `lm` (override); return the function that undoes the change."
         raise NotImplementedError
 
+    def theory(self, lm:LM, base:dict) -> dict|None:
+        "Bytes the method should hold by its own arithmetic, from `base` (override); None: measured only."
+        return None
+
     @contextmanager
     def apply(self, lm:LM):
         "Context manager: the method is active inside, and `lm` is restored on exit."
@@ -187,3 +191,26 @@ class Task:
 def config_hash(config:dict) -> str:
     "A short stable hash of a JSON-able config."
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+# %% ../nbs/00_core.ipynb #356fde5e
+@contextmanager
+def threads(n:int): # torch threads inside the block
+    "Run the block on `n` torch threads; the previous count is restored after."
+    import torch
+    if n < 1: raise WorkbenchError(f"threads={n} must be at least 1")
+    before = torch.get_num_threads(); torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(before)
+
+def best_time(f:Callable, # called with no arguments
+              repeats:int=3, # timed calls; the fastest counts
+              warmup:bool=True # one untimed call first (compilation, caches)
+             ) -> float:
+    "Seconds of the fastest of `repeats` calls of `f`."
+    import time
+    if repeats < 1: raise WorkbenchError(f"repeats={repeats} must be at least 1")
+    if warmup: f()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
+    return min(times)

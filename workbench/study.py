@@ -40,8 +40,7 @@ def as_stack(method) -> Stack:
 def theory(lm:LM, method:Stack, base:dict) -> dict:
     "Theoretical bytes per family of `method`, starting from the baseline's."
     out = dict(base)
-    for m in method.methods:
-        if hasattr(m, 'theory'): out = m.theory(lm, out)
+    for m in method.methods: out = m.theory(lm, out) or out # None: measured only
     return out
 
 # %% ../nbs/08_study.ipynb #c9c0e7d7

@@ -2,9 +2,9 @@
 import pytest, torch
 from transformers import DynamicCache
 from workbench.core import stack
-from workbench.ledger import cache_bytes, kv_bytes_theory, weight_bytes
+from workbench.ledger import cache_bytes, kv_bytes_theory, unique_tensors, weight_bytes
 from workbench.methods import HalfKV, HalfWeights, LocalWindow, new_cache
-from workbench.models import facts, tiny_lm, unique_tensors
+from workbench.models import facts, tiny_lm
 
 @pytest.mark.parametrize('arch', ['llama', 'qwen2', 'gemma3', 'bert'])
 def test_facts_and_weight_bytes(arch):

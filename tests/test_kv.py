@@ -1,10 +1,11 @@
-"KV-cache compression: exactness, equivalence with masked attention, GQA scores, real bytes, stacking and bad input, on tiny random decoders."
+"""KV-cache compression on tiny random decoders: exactness, equivalence with masked attention, GQA scores, real bytes,
+the store and policy contracts, stacking and bad input."""
 import math, pytest, torch, torch.nn.functional as F
 from torch import nn
 from workbench.core import WorkbenchError, stack
-from workbench.kv import (KIVI, H2O, KVLayer, PyramidKV, pyramid_budgets, RandomEvict,
+from workbench.kv import (KIVI, H2O, KVLayer, PyramidKV, pyramid_budgets, RandomEvict, Knorm,
                           RecentOnly, SirLLM, SnapKV, StreamingLLM, ThinK, TOVA,
-                          KiviStore, evicted_mask, kv_cache, attention_modules)
+                          Store, FullStore, KiviStore, ThinKStore, evicted_mask, kv_cache, attention_modules)
 from workbench.ledger import cache_bytes
 from workbench.models import tiny_lm, facts
 from workbench.tasks import forward_cached
@@ -56,8 +57,8 @@ def test_streaming_equals_masked_attention(tinies, arch):
     assert kept[0][-1] == [0, 1] + list(range(26, 48))
 
 class PyramidStreaming(StreamingLLM):
-    "StreamingLLM with a different budget per layer (tests that layers may hold different numbers of tokens)."
-    def budget(self, layer, seen): return max(1, super().budget(layer, seen) - 3 * layer.index)
+    "StreamingLLM with a different budget per layer from the budget hook (layers may hold different numbers of tokens)."
+    def allocate(self, seen, layers): return [max(1, self.budget(None, seen) - 3 * i) for i in range(layers)]
 
 @pytest.mark.parametrize('arch', ['llama', 'qwen2'])
 def test_layers_holding_different_lengths_equal_masked_attention(tinies, arch):
@@ -67,23 +68,59 @@ def test_layers_holding_different_lengths_equal_masked_attention(tinies, arch):
     want = _masked(t, [evicted_mask(k[:-1], 48, 8) for k in kept])
     assert torch.allclose(got, want, atol=1e-4)
 
+def test_allocation_is_the_budget_of_layout_and_theory(tinies):
+    "`allocate` is the one per-layer budget hook: `layout` hands each layer its share and `theory` sums the same."
+    t, m = tinies['llama'], PyramidStreaming(ratio=0.5, sinks=2)
+    layers = [KVLayer(FullStore(), m, index=i, n_layers=4) for i in range(4)]
+    assert [m.layout(l, 48) for l in layers] == [(24, 0), (21, 0), (18, 0), (15, 0)]
+    base = {'kv': 48 * 4 * 2 * 2 * 16 * 4} # 48 tokens, 4 layers, 2 KV heads of 16 channels, fp32
+    assert m.theory(t, base)['kv'] == round(base['kv'] * (24 + 21 + 18 + 15) / (4 * 48))
+    uniform = [StreamingLLM, RecentOnly, RandomEvict, H2O, SnapKV, TOVA, SirLLM, Knorm]
+    assert all(P(ratio=0.5).allocate(48, 4) is None for P in uniform) # None: the same budget in every layer
+    assert PyramidKV(ratio=0.75, window=4).allocate(48, 4) == pyramid_budgets(12, 4, 48, 4)
+
+def test_every_policy_has_sinks_and_window():
+    "Every eviction policy takes `sinks` and `window`; defaults keep each policy's behaviour; RecentOnly refuses sinks."
+    defaults = {P.__name__: (P().sinks, P().window) for P in (StreamingLLM, RecentOnly, RandomEvict, H2O, SnapKV, TOVA,
+                                                               SirLLM, PyramidKV, Knorm)}
+    assert defaults == dict(StreamingLLM=(4, 0), RecentOnly=(0, 0), RandomEvict=(0, 0), H2O=(0, 0), SnapKV=(0, 32),
+                            TOVA=(0, 0), SirLLM=(4, 0), PyramidKV=(0, 32), Knorm=(0, 0))
+    layer = KVLayer(FullStore(), index=0, n_layers=1)
+    assert H2O(ratio=0.5).layout(layer, 100) == (50, 25) # `recent`, a fraction of the budget
+    assert H2O(ratio=0.5, recent=0.1, window=20).layout(layer, 100) == (50, 20) # the larger of fraction and window
+    assert SirLLM(ratio=0.5, window=40).layout(layer, 100) == (50, 25) # the window takes at most half the budget
+    with pytest.raises(WorkbenchError, match='StreamingLLM keeps sinks'): RecentOnly(sinks=4)
+
+def test_stores_declare_the_contract():
+    "Stores subclass `Store`; one leaving a method out cannot be built; `needs_queries` is declared, False by default."
+    assert all(issubclass(S, Store) for S in (FullStore, KiviStore, ThinKStore))
+    assert (FullStore.needs_queries, KiviStore.needs_queries, ThinKStore.needs_queries) == (False, False, True)
+    class NoSelect(Store):
+        def __len__(self): return 0
+        def read(self): return None, None
+        def append(self, k, v, out_k, out_v, layer): pass
+    with pytest.raises(TypeError, match='select'): NoSelect()
+    assert KVLayer(FullStore(), H2O()).wants_queries and not KVLayer(FullStore(), StreamingLLM()).wants_queries
+    assert KVLayer(ThinKStore()).wants_queries
+
 def test_snapkv_keeps_the_top_pooled_window_attention():
-    "SnapKV keeps the top tokens by pooled window attention computed from eager attention weights (GQA: mean over a group's query heads)."
+    "SnapKV keeps the top tokens by pooled window attention from eager attention weights (GQA: a group's mean)."
     t = tiny_lm('llama'); t.model.set_attn_implementation('eager')
     T, w, budget = 40, 4, 16
     with torch.no_grad(): att = t.model(X[:, :T], output_attentions=True).attentions # [1, 4 q heads, T, T] per layer
     m = SnapKV(tokens=budget, window=w, kernel=3, pooling='max')
     with m.apply(t): _, cache, _ = forward_cached(t, X[:, :T])
     for i, a in enumerate(att):
-        votes = a[0, :, -w:].sum(1).view(2, 2, T).mean(1) # [kv heads, T]: query heads 0,1 -> kv head 0; 2,3 -> kv head 1
-        pooled = F.max_pool1d(votes[:, None, :-w], 3, stride=1, padding=1)[:, 0] # pooled over the tokens before the window only
+        # [kv heads, T]: query heads 0, 1 -> kv head 0; 2, 3 -> kv head 1
+        votes = a[0, :, -w:].sum(1).view(2, 2, T).mean(1)
+        pooled = F.max_pool1d(votes[:, None, :-w], 3, stride=1, padding=1)[:, 0] # the tokens before the window only
         kept = torch.zeros(2, T, dtype=torch.bool).scatter_(1, cache.layers[i].positions[0].long(), True)
         assert kept[:, -w:].all() and kept.sum(1).tolist() == [budget, budget] # the window is kept
         for h in range(2): # every kept token outscores every evicted one (up to float ties: random weights tie often)
             assert pooled[h][kept[h, :-w]].min() >= pooled[h][~kept[h, :-w]].max() - 1e-6, (i, h)
 
 def reference_pyramid(max_capacity_prompt, window_size, q_len, num_hidden_layers, layer_idx, beta=20):
-    "Tokens layer `layer_idx` keeps in PyramidKVCluster.update_kv (Zefan-Cai/KVCache-Factory, pyramidkv/pyramidkv_utils.py)."
+    "Tokens layer `layer_idx` keeps in PyramidKVCluster.update_kv (KVCache-Factory's pyramidkv/pyramidkv_utils.py)."
     min_num = (max_capacity_prompt - window_size) // beta
     max_num = (max_capacity_prompt - window_size) * 2 - min_num
     if max_num >= q_len - window_size:
@@ -97,10 +134,10 @@ def reference_pyramid(max_capacity_prompt, window_size, q_len, num_hidden_layers
 
 @pytest.mark.parametrize('seen', [512, 2048, 300])
 def test_pyramidkv_schedule_is_the_authors(seen):
-    "PyramidKV's per-layer budgets on a 30-layer model at 50/75/90% equal PyramidKVCluster's arithmetic (integer steps too)."
+    "PyramidKV's per-layer budgets on 30 layers at 50/75/90% equal PyramidKVCluster's arithmetic (integer steps too)."
     class L: pass
     t30 = tiny_lm('llama', layers=30)
-    for ratio in (0.5, 0.75, 0.9, 0.25, 0.45): # 0.25: uniform branch; 0.45 at 512: the bottom layer capped at the tokens seen
+    for ratio in (0.5, 0.75, 0.9, 0.25, 0.45): # 0.25: uniform branch; 0.45 at 512: the bottom capped at the tokens seen
         m, b = PyramidKV(ratio=ratio, window=32), math.ceil((1 - ratio) * seen)
         got = []
         for i in range(30):
@@ -133,7 +170,8 @@ def test_kivi_store_eviction_keeps_codes_valid():
     for keys in ('channel', 'token'):
         st = KiviStore(2, 8, 8, keys); st.append(K, V)
         k0, v0 = st.read(); n, r = len(st), st.tail()
-        idx = torch.stack([torch.cat([torch.randperm(n - r)[:30].sort().values, torch.arange(n - r, n)]) for _ in range(2)])[None]
+        keep = lambda: torch.cat([torch.randperm(n - r)[:30].sort().values, torch.arange(n - r, n)])
+        idx = torch.stack([keep() for _ in range(2)])[None]
         st.select(idx); k1, v1 = st.read()
         assert torch.equal(k1, k0.gather(2, idx[..., None].expand(-1, -1, -1, 16)))
         assert torch.equal(v1, v0.gather(2, idx[..., None].expand(-1, -1, -1, 16)))
@@ -141,7 +179,8 @@ def test_kivi_store_eviction_keeps_codes_valid():
 @pytest.mark.parametrize('arch', ARCHS)
 def test_every_method_shrinks_the_full_attention_layers(tinies, arch):
     t = tinies[arch]; kvh = facts(t)['kv_heads']
-    ms = policies(ratio=0.75) + [PyramidKV(ratio=0.75, window=4), KIVI(bits=2, group=8, residual=8), ThinK(prune=0.5, window=4),
+    ms = policies(ratio=0.75) + [PyramidKV(ratio=0.75, window=4), KIVI(bits=2, group=8, residual=8),
+                                  ThinK(prune=0.5, window=4),
                                   stack(SnapKV(ratio=0.5, window=4), KIVI(bits=4, group=8, residual=8))]
     for m in ms:
         with m.apply(t): _, c, peak = forward_cached(t, X, chunk=8)
@@ -188,12 +227,13 @@ def test_bad_input(tinies):
 def test_theory(tinies):
     t = tinies['llama']; base = {'weights': 1, 'kv': 1000}
     assert SnapKV(ratio=0.75).theory(t, base)['kv'] == 250
-    assert SnapKV(ratio=0.75, query_aware=True).theory(t, base)['kv'] == 250 # the budget; holding the prompt until the question shows in the measured peak
+    # the budget; holding the prompt until the question shows in the measured peak
+    assert SnapKV(ratio=0.75, query_aware=True).theory(t, base)['kv'] == 250
     assert KIVI(bits=4, group=8).theory(t, base)['kv'] == round(1000 * (0.5 + 4 / 8) / 4)
 
 @pytest.mark.slow
 def test_smollm2_claims_quick():
-    "On SmolLM2 (256 tokens, 32-token chunks): sinks matter, heavy hitters beat recent-only, per-channel keys beat per-token."
+    "KIVI's dequantized K/V equal transformers' QuantizedCache (quanto) where settings coincide (axes -1 and 0)."
     from workbench.models import load
     from workbench.tasks import Perplexity
     lm = load('smollm2-135m'); task = Perplexity(tokens=256, window=256, chunk=32); ref = task.reference(lm)
@@ -206,7 +246,7 @@ def test_smollm2_claims_quick():
 @pytest.mark.parametrize('bits', [2, 4])
 @pytest.mark.parametrize('group', [8, 16])
 def test_kivi_equals_transformers_quanto_cache(bits, group):
-    "KIVI's dequantized K/V equal transformers' QuantizedCache(quanto) where settings coincide (keys: axis -1, values: axis 0)."
+    "KIVI's dequantized K/V equal transformers' QuantizedCache (quanto) where the settings coincide (axes -1 and 0)."
     pytest.importorskip('optimum.quanto')
     from transformers.cache_utils import QuantoQuantizedLayer
     from workbench.packing import unpack

@@ -6,13 +6,14 @@ from pathlib import Path
 import workbench.kv_study as kv_study
 from workbench.core import LM, WorkbenchError
 from workbench.data import make_needle
-from workbench.kv_peers import (bench_kvpress, install_kvpress_env, kept_agreement, kept_cross_check, kept_pairs, kv_needles,
-                                kvpress_env, kvpress_python, kvpress_table, smollm2_folder)
+from workbench.kv_peers import (bench_kvpress, install_kvpress_env, kept_agreement, kept_cross_check, kept_pairs,
+                                kv_needles,
+                                kvpress_env, kvpress_python, kvpress_table, model_folder)
 
 @pytest.fixture(scope='module')
 def tok():
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm2_folder())
+    return AutoTokenizer.from_pretrained(model_folder())
 
 def test_needles_are_kvneedles(tok, monkeypatch):
     "kv_needles serializes exactly the needles KVNeedle asks (same make_needle arguments), and survives JSON."
@@ -28,12 +29,14 @@ def test_needles_are_kvneedles(tok, monkeypatch):
     assert len(nds) == len(calls) == 8
     for (L, kw), nd in zip(calls, nds):
         n = make_needle(tok, L, **kw)
-        assert (nd['context'], nd['question'], nd['answer'], nd['length'], nd['depth']) == (n.context.tolist(), n.question.tolist(), n.answer, L, n.depth)
+        got = nd['context'], nd['question'], nd['answer'], nd['length'], nd['depth']
+        assert got == (n.context.tolist(), n.question.tolist(), n.answer, L, n.depth)
     assert json.loads(json.dumps(nds)) == nds
 
 def test_missing_env_names_install_command(tmp_path):
     with pytest.raises(WorkbenchError, match='workbench peers install kvpress'): kvpress_python(tmp_path)
-    with pytest.raises(WorkbenchError, match='workbench peers install kvpress'): bench_kvpress(lengths=(256,), trials=1, env=tmp_path/'nothing')
+    with pytest.raises(WorkbenchError, match='workbench peers install kvpress'):
+        bench_kvpress(lengths=(256,), trials=1, env=tmp_path/'nothing')
     assert str(kvpress_env(tmp_path)) == str(tmp_path)
 
 def test_install_commands_printed(tmp_path, capsys):
@@ -56,15 +59,18 @@ def test_worker_bytes_equal_ledger():
     from workbench.kvpress_worker import held_bytes
     from workbench.ledger import cache_bytes
     c = DynamicCache()
-    c.update(torch.zeros(1, 3, 7, 64), torch.zeros(1, 3, 7, 64), 0); c.update(torch.zeros(1, 3, 5, 64), torch.zeros(1, 3, 5, 64), 1)
+    c.update(torch.zeros(1, 3, 7, 64), torch.zeros(1, 3, 7, 64), 0)
+    c.update(torch.zeros(1, 3, 5, 64), torch.zeros(1, 3, 5, 64), 1)
     assert held_bytes(c) == cache_bytes(c) == 2 * 3 * 12 * 64 * 4
 
 def test_table_has_bench_kv_columns():
-    rows = [dict(press=p, ratio=r, trial=i, length=64, depth=0.5, key='12345', answer='12345' if i else '00000', found=bool(i), context_tokens=64,
-                 answer_ids=[], kept_tokens=k, kv_compressed=b, kv_final=b + 10, seconds=1.0)
+    rows = [dict(press=p, ratio=r, trial=i, length=64, depth=0.5, key='12345', answer='12345' if i else '00000',
+                 found=bool(i), context_tokens=64, answer_ids=[], kept_tokens=k, kv_compressed=b, kv_final=b + 10,
+                 seconds=1.0)
             for p, r, k, b in [(None, 0.0, 64, 1000), ('SnapKV', 0.5, 32, 500)] for i in range(2)]
     df = kvpress_table(rows)
-    for c in ['method', 'short', 'ratio', 'needle_acc', 'needle_acc_64', 'kv_peak', 'kv_final', 's_per_query', 'final_saving', 'peak_saving', 'library']:
+    for c in ['method', 'short', 'ratio', 'needle_acc', 'needle_acc_64', 'kv_peak', 'kv_final', 's_per_query',
+              'final_saving', 'peak_saving', 'library']:
         assert c in df.columns, c
     assert df.method.tolist() == ['full cache', 'SnapKV(ratio=0.5)'] and df.needle_acc.tolist() == [0.5, 0.5]
     assert df.kv_final.tolist() == [1010, 510] and (df.library == 'kvpress').all()
@@ -88,7 +94,7 @@ def test_kept_agreement_counts():
 
 @pytest.mark.slow
 def test_kept_positions_equal_kvpress():
-    "Our StreamingLLM, SnapKV (kvpress's window 64, avg pooling 5), TOVA and Knorm keep what kvpress's presses keep, per layer and head."
+    "Our StreamingLLM, SnapKV (kvpress's window 64, avg pooling 5), TOVA and Knorm keep what kvpress's presses keep."
     try: kvpress_python()
     except WorkbenchError as e: pytest.skip(str(e))
     from workbench.data import split_ids

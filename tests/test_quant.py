@@ -3,7 +3,7 @@ import math
 import pytest, torch
 import torch.nn.functional as F
 from torch import nn
-from workbench.core import WorkbenchError
+from workbench.core import WorkbenchError, threads
 from workbench.ledger import weight_bytes
 from workbench.models import tiny_lm
 from workbench.packing import pack, unpack
@@ -12,9 +12,7 @@ from workbench.quant import (GPTQ, HQQ, KMeans, QuantLinear, PaletteLinear, RTN,
 @pytest.fixture(autouse=True)
 def one_thread():
     "Tiny models: many small operations, faster on one thread."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with threads(1): yield
 
 @pytest.fixture(scope='module')
 def lin():
@@ -70,7 +68,8 @@ def test_gptq_lowers_output_error():
     err = lambda wq: ((X @ (w - wq).T) ** 2).mean().item()
     assert err(gptq_quantize(m, w, H).dequantize()) < 0.7 * err(m.fake_quant(w))
     assert err(gptq_quantize(m, w, H, act_order=True).dequantize()) < 0.7 * err(m.fake_quant(w))
-    for other in [RTN(bits=3, granularity='tensor'), RTN(bits=4, granularity='channel', symmetric=True), RTN(bits=3, group_size=24)]:
+    for other in [RTN(bits=3, granularity='tensor'), RTN(bits=4, granularity='channel', symmetric=True),
+                  RTN(bits=3, group_size=24)]:
         q = gptq_quantize(other, w, H)
         assert q.scale.shape == other.quantize(w).scale.shape and err(q.dequantize()) < err(other.fake_quant(w))
 
@@ -83,11 +82,29 @@ def test_ledger_matches_theory_and_restores(arch):
               RTN(bits=4, group_size=48, layers='attention'), HQQ(bits=4, group_size=16, iters=3), KMeans(bits=3),
               GPTQ(bits=3, group_size=16, calib_tokens=64, window=32)]:
         with m.apply(lm):
-            measured, n_packed = weight_bytes(lm.model), sum(isinstance(q, (QuantLinear, PaletteLinear)) for q in lm.model.modules())
+            measured = weight_bytes(lm.model)
+            n_packed = sum(isinstance(q, (QuantLinear, PaletteLinear)) for q in lm.model.modules())
         assert n_packed > 0
         assert abs(measured / m.theory(lm, {'weights': w0})['weights'] - 1) < 0.01, m
     assert weight_bytes(lm.model) == w0
     with torch.no_grad(): assert torch.equal(lm.model(x)[0], base)
+
+def test_class_tree():
+    "Weight methods are `LinearMethod`s, the affine ones `AffineQuant`s; no class switches a parent's part off."
+    from workbench.quant import LinearMethod, AffineQuant
+    from workbench.quant_study import MixedPrecision, BitStack, QuantoPeer, HQQPeer, HQQVariant
+    from workbench.study import method_registry
+    assert not LinearMethod.runnable() and not AffineQuant.runnable()
+    assert all(issubclass(c, AffineQuant) for c in (RTN, HQQ, GPTQ, HQQVariant))
+    assert all(c.__bases__ == (LinearMethod,) for c in (KMeans, MixedPrecision, BitStack, QuantoPeer, HQQPeer))
+    weight = [c for c in method_registry('quant').values() if issubclass(c, LinearMethod)]
+    names = {'RTN', 'HQQ', 'GPTQ', 'KMeans', 'MixedPrecision', 'BitStack', 'QuantoPeer', 'HQQPeer', 'HQQVariant'}
+    assert names <= {c.__name__ for c in weight}
+    for c in weight: # no stand-in attributes such as `granularity = 'group'` or `theory = None`
+        assert not {'granularity', 'symmetric', 'theory'} & {k for k, v in vars(c).items() if not callable(v)}, c
+    assert {c.__name__ for c in weight if 'validate' in vars(c)} == {'HQQ', 'HQQVariant'} # checks of their own only
+    lm = tiny_lm('llama')
+    assert QuantoPeer().theory(lm, {'weights': 1}) is None and HQQPeer().theory(lm, {'weights': 1}) is None
 
 def test_bad_input():
     with pytest.raises(WorkbenchError, match=r'bits=9 is out of range; valid: \[1, 8\]'): RTN(bits=9)
@@ -96,7 +113,8 @@ def test_bad_input():
     with pytest.raises(WorkbenchError, match='symmetric=True is not valid'): HQQ(symmetric=True)
     with pytest.raises(WorkbenchError, match='group_size=4 is out of range'): RTN(group_size=4)
     with pytest.raises(WorkbenchError, match="unknown value for knob granularity 'row'"): RTN(granularity='row')
-    with pytest.raises(WorkbenchError, match='needs group_size to divide the input dimension: 40 % 16'): KMeans(granularity='group', group_size=16).palette(torch.randn(4, 40))
+    with pytest.raises(WorkbenchError, match='needs group_size to divide the input dimension: 40 % 16'):
+        KMeans(granularity='group', group_size=16).palette(torch.randn(4, 40))
     with pytest.raises(WorkbenchError, match='GPTQ needs calibration'): GPTQ().fake_quant(torch.randn(4, 32))
     with pytest.raises(WorkbenchError, match='bits=9 is out of range'): pack(torch.zeros(8), 9)
 
@@ -106,7 +124,8 @@ def test_q41_faithfulness_smollm2():
     from workbench.models import load
     from workbench.tasks import Perplexity
     lm = load('smollm2-135m'); m = RTN(bits=4, group_size=32)
-    diffs = [(m.fake_quant(mod.weight) - mod.weight).abs().max().item() for n, mod in lm.model.named_modules() if m.selects(n, mod)]
+    diffs = [(m.fake_quant(mod.weight) - mod.weight).abs().max().item()
+             for n, mod in lm.model.named_modules() if m.selects(n, mod)]
     assert len(diffs) == 210 and max(diffs) == 0
     task = Perplexity(tokens=256, window=256); base = task.run(lm)['ppl']
     with m.apply(lm): assert abs(task.run(lm)['ppl'] - base) < 1e-4
@@ -126,8 +145,10 @@ def test_allocate_and_budgets():
     assert allocate(s, c, 30) == {'a': 4, 'b': 2}
     with pytest.raises(WorkbenchError, match='below the smallest representable size 20 bytes'): allocate(s, c, 19)
     lm = tiny_lm('llama')
-    with pytest.raises(WorkbenchError, match='below the smallest representable size'): MixedPrecision(avg_bits=1.5, calib_tokens=32, group_size=16).plan(lm)
-    with pytest.raises(WorkbenchError, match='below the smallest representable size'): BitStack(bits_per_weight=1.0, rank=1, calib_tokens=32).plan(lm)
+    with pytest.raises(WorkbenchError, match='below the smallest representable size'):
+        MixedPrecision(avg_bits=1.5, calib_tokens=32, group_size=16).plan(lm)
+    with pytest.raises(WorkbenchError, match='below the smallest representable size'):
+        BitStack(bits_per_weight=1.0, rank=1, calib_tokens=32).plan(lm)
     with pytest.raises(WorkbenchError, match='bits_per_weight=0.1 is out of range'): BitStack(bits_per_weight=0.1)
 
 def test_mixed_and_stack_bytes():
@@ -157,7 +178,7 @@ def reference_gptq(m, w, H, damp=0.01, dtype=torch.float64):
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True) # another route to the inverse than ours
     codes = torch.zeros(w.shape, dtype=torch.uint8)
     for j in range(n):
-        if j % m.group_size == 0: s, o = m.stored(*m.choose(W[:, None, j:j + m.group_size]))
+        if j % m.group_size == 0: s, o = m.stored(*m.scale_offset(W[:, None, j:j + m.group_size]))
         q = m.encode(W[:, j:j + 1], s[:, 0], o[:, 0])
         codes[:, j] = q[:, 0]
         err = (W[:, j] - (q[:, 0].to(dtype) * s[:, 0, 0].to(dtype) + o[:, 0, 0].to(dtype))) / U[j, j]

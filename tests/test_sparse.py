@@ -3,9 +3,10 @@ import pytest, torch
 from workbench.core import WorkbenchError
 from workbench.models import tiny_lm, load
 from workbench.ledger import kv_bytes_theory
-from workbench.sparse import (Window, SinkWindow, Strided, BlockSparse, TopK, SparseWindow, DynamicBlockSparse, Quest, RecordQKV, SPARSE_METHODS,
-                              max_error, method_mask, reference_attention, droppable_kv, as_eviction, causal, topk_mask, decode_mask)
-from workbench.sparse_study import Sparse, DecodePerplexity, DecodeNeedle
+from workbench.sparse import (Window, SinkWindow, Strided, BlockSparse, TopK, SparseWindow, DynamicBlockSparse, Quest,
+                              RecordQKV, sparse_patterns, bench_patterns, max_error, method_mask, reference_attention,
+                              droppable_kv, as_eviction, causal, topk_mask, decode_mask)
+from workbench.sparse_study import AttentionCounts, DecodePerplexity, DecodeNeedle, patterns_at_budget
 from workbench.tasks import forward_cached, Perplexity
 
 torch.set_num_threads(1)
@@ -208,7 +209,8 @@ def test_bytes(smol):
     full = kv_bytes_theory(smol.model, 1024) # Quest holds the full cache plus max and min of 64 pages in 28 layers; the oracles need no metadata
     assert Quest(budget=64).theory(smol, dict(kv=full, weights=0))['kv'] == full + 28 * 3 * 2 * 64 * 4 * 64
     assert Quest(budget=64, rank='token').theory(smol, dict(kv=full, weights=0))['kv'] == full
-    assert as_eviction(Window(window=32)).name == 'RecentOnly(ratio=0.5, tokens=32)' and as_eviction(TopK()) is None
+    ev = as_eviction(Window(window=32)) # the KV chapter's sliding-window cache of the same 32 tokens
+    assert type(ev).__name__ == 'RecentOnly' and (ev.tokens, ev.ratio) == (32, 0.5) and as_eviction(TopK()) is None
     task = Perplexity(split='eval', window=128, tokens=128)
     base = run_one(smol, None, task)
     row = run_one(smol, SinkWindow(sinks=4, window=28), task, base=dict(weights=base['weight_bytes'], kv=base['kv_bytes']))
@@ -221,7 +223,7 @@ def test_bad_input():
     with pytest.raises(WorkbenchError, match='block=0'): DynamicBlockSparse(block=0)
     with pytest.raises(WorkbenchError, match='budget=8 is less than one page of 16 keys'): Quest(budget=8)
     with pytest.raises(WorkbenchError, match="valid: bound, page_max, token"): Quest(rank='exact')
-    with pytest.raises(WorkbenchError, match='one decoding query at a time'): Quest().select(*rand_qkv(2, 300)[:2], None, None, None, 0.125)
+    with pytest.raises(WorkbenchError, match='one decoding query at a time'): Quest().kept_mask(*rand_qkv(2, 300)[:2], None, None, None, 0.125)
     with pytest.raises(WorkbenchError, match="valid backend for it: 'sdpa'"): Quest(backend='flex')
     with pytest.raises(WorkbenchError, match='prefill=0'): DecodePerplexity(prefill=0)
     with pytest.raises(WorkbenchError, match="valid backend for it: 'sdpa'"): TopK(backend='flex')
@@ -236,9 +238,16 @@ def test_bad_input():
     with pytest.raises(WorkbenchError, match='kind'): Window().install(tiny_lm('bert'))
 
 def test_registry():
+    "The explorer, the bench and the study take their patterns from the registry, in the order they are defined."
     from workbench.study import method_registry
-    assert set(SPARSE_METHODS) <= set(method_registry())
-    assert all(c.family == 'sparse' and c.simulated for c in SPARSE_METHODS.values())
+    patterns = sparse_patterns()
+    assert list(patterns) == ['Window', 'SinkWindow', 'Strided', 'BlockSparse', 'TopK', 'SparseWindow',
+                              'DynamicBlockSparse', 'Quest'] # RecordQKV (a tool) and the bases left out
+    assert all(method_registry()[n] is c for n, c in patterns.items())
+    assert all(c.family == 'sparse' and c.simulated for c in patterns.values())
+    assert [type(m).__name__ for m in bench_patterns()] == [n for n, c in patterns.items() if c.flex_block]
+    assert all(m.backend == 'flex' for m in bench_patterns())
+    assert [type(m).__name__ for m in patterns_at_budget(64)] == list(patterns)
 
 def test_decode_tasks(smol):
     "Decoding perplexity without a method equals teacher-forced perplexity at the same positions; Quest's prompt is dense, its steps sparse; the needle's question is decoded."
@@ -249,7 +258,7 @@ def test_decode_tasks(smol):
     with torch.no_grad(): lp = torch.log_softmax(smol.model(x[None]).logits[0, 64:80].float(), -1)
     assert abs(base['nll'] + lp.gather(1, x[65:81, None]).mean().item()) < 1e-4 and base['top1'] == 1.0 and abs(base['kl']) < 1e-9
     qm = Quest(budget=32, page=8)
-    with qm.apply(smol): got = Sparse(dp).run(smol, ref)
+    with qm.apply(smol): got = AttentionCounts(dp).run(smol, ref)
     assert got['kl'] > 0 and got['decode_kept_fraction'] < got['read_fraction'] < 1 and got['kept_fraction'] > 0.5
     assert qm.n_pairs - qm.n_dpairs == 9 * 30 * 64 * 65 // 2 and qm.n_dpairs == 9 * 30 * sum(range(65, 81))
     seen = []

@@ -147,7 +147,7 @@ def test_tiny_llama_prompt_drop():
     a = received_attention(lm, ids, 1)
     assert a.shape == (50,) and abs(a.sum().item() - 1) < 1e-9
     for m in (AttnPrune(keep=0.3, layer=1), SelfInfo(keep=0.3), RandomPrompt(keep=0.3), FastV(keep=0.3, layer=1)):
-        k = m.select(lm, ids, torch.randint(0, 512, (5,)))
+        k = m.kept_positions(lm, ids, torch.randint(0, 512, (5,)))
         assert len(k) == 15 and torch.equal(k, k.sort().values)
     with pytest.raises(WorkbenchError, match=r'valid: layer in \[1, 3\]'): FastV(layer=4).apply(lm).__enter__()
     with pytest.raises(WorkbenchError, match=r'valid: layer in \[1, 3\]'): AttnPrune(layer=4).apply(lm).__enter__()
@@ -225,9 +225,14 @@ def test_fastv_refused_by_id_filter_tasks():
 
 def test_registry_finds_token_methods():
     from workbench.study import method_registry
+    from workbench.tokens_vision import vision_token_methods
+    from workbench.tokens_text import text_token_methods
     reg = method_registry()
     for name in ('RandomPatchDrop', 'EViT', 'HiRED', 'ToMe', 'FastV', 'AttnPrune', 'SelfInfo', 'RandomPrompt'):
         assert reg[name].family == 'tokens'
+    assert 'PatchDrop' not in reg and 'PromptDrop' not in reg # bases (`abstract`)
+    assert list(vision_token_methods()) == ['RandomPatchDrop', 'EViT', 'HiRED', 'ToMe'] # what the explorers offer
+    assert list(text_token_methods()) == ['RandomPrompt', 'AttnPrune', 'SelfInfo', 'FastV']
 
 @pytest.mark.slow
 def test_smollm2_prompt_drop_bytes():

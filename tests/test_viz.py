@@ -45,8 +45,8 @@ def test_family_explorers_on_tiny_models():
     q.controls['bits'].value = 2
     assert q.output.outputs != before and 'RTN(bits=2' in q.result.layout.title.text
     from transformers import AutoTokenizer
-    from workbench.kv_peers import smollm2_folder
-    tok = AutoTokenizer.from_pretrained(smollm2_folder()) # SmolLM2's tokenizer, for the perplexity split
+    from workbench.kv_peers import model_folder
+    tok = AutoTokenizer.from_pretrained(model_folder()) # SmolLM2's tokenizer, for the perplexity split
     lm = tiny_lm('llama', vocab=len(tok)); lm.tokenizer = tok
     kv = kv_explorer(lm, tokens=64, chunk=16, methods=(StreamingLLM, KIVI))
     kv.controls['ratio'].value = 0.75

@@ -29,7 +29,9 @@ def rebuild_corpora(extracted:Path, out:Path=None) -> dict:
     "Rebuild the corpora from an extracted r-cran-janeaustenr package; return {file: sha256}."
     import rdata
     db = Path(extracted)/'usr/lib/R/site-library/janeaustenr/data'
-    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((db/'Rdata.rdx').read_bytes())))['variables']
+    rdx = gzip.decompress((db/'Rdata.rdx').read_bytes())
+    index = rdata.conversion.convert(rdata.parser.parse_data(rdx))['variables']
+
     blob, out = (db/'Rdata.rdb').read_bytes(), Path(out or DATA/'corpora')
     out.mkdir(parents=True, exist_ok=True); sums = {}
     for name, fname in BOOKS.items():
@@ -102,7 +104,9 @@ def make_needle(tokenizer, length:int, depth:float=0.5, keys:int=1, seed:int=0, 
     enc = lambda s: tokenizer(s, add_special_tokens=False, return_tensors='pt').input_ids[0]
     needles = [enc(_needle_text(v, c)) for v, c in zip(vals, colours)]
     room = length - sum(len(n) for n in needles)
-    if room < 64: raise WorkbenchError(f"length={length} is too short for {keys} needle(s); use at least {length - room + 64}")
+    if room < 64:
+        raise WorkbenchError(f"length={length} is too short for {keys} needle(s); use at least {length - room + 64}")
+
     text = book(book_name); start = rng.randrange(0, len(text) - room*8)
     start = text.find('\n\n', start) + 2 # begin at a paragraph
     hay = enc(text[start:start + room*8])[:room]

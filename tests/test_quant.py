@@ -80,7 +80,7 @@ def test_ledger_matches_theory_and_restores(arch):
     w0 = weight_bytes(lm.model)
     for m in [RTN(bits=2), RTN(bits=3, granularity='channel', symmetric=True), RTN(bits=8, granularity='tensor'),
               RTN(bits=4, group_size=48, layers='attention'), HQQ(bits=4, group_size=16, iters=3), KMeans(bits=3),
-              GPTQ(bits=3, group_size=16, calib_tokens=64, window=32)]:
+              GPTQ(bits=3, group_size=16, calib_tokens=64, calib_window=32)]:
         with m.apply(lm):
             measured = weight_bytes(lm.model)
             n_packed = sum(isinstance(q, (QuantLinear, PaletteLinear)) for q in lm.model.modules())

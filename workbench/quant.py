@@ -365,7 +365,7 @@ class GPTQ(AffineQuant):
         Knob('act_order', False, doc='quantize columns in order of decreasing Hessian diagonal'),
         Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
         Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens (calib split)'),
-        Knob('window', 512, low=8, high=2048, doc='tokens per calibration window'))
+        Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'))
 
     def quantize(self, w, lin=None):
         H = getattr(self, '_hessians', {}).get(id(lin))
@@ -376,7 +376,7 @@ class GPTQ(AffineQuant):
     @torch.no_grad()
     def install(self, lm:LM):
         prefix, blocks = block_list(lm.model)
-        hidden, calls = to_float64(block_inputs(lm, calib_batches(lm, self.calib_tokens, self.window)))
+        hidden, calls = to_float64(block_inputs(lm, calib_batches(lm, self.calib_tokens, self.calib_window)))
         undos = []
         try:
             for i, (block, call) in enumerate(zip(blocks, calls)):

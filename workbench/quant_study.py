@@ -551,7 +551,7 @@ def minilm_grid() -> list:
     "The configurations of the MiniLM study: the curve from 8 down to 2 bits, and the methods at 3 bits."
     return ([RTN(bits=b, granularity='channel', symmetric=True) for b in (8, 6, 5, 4, 3, 2)]
             + [RTN(bits=b, group_size=32) for b in (4, 3, 2)]
-            + [HQQ(bits=3, group_size=32), GPTQ(bits=3, group_size=32, window=256)])
+            + [HQQ(bits=3, group_size=32), GPTQ(bits=3, group_size=32, calib_window=256)])
 
 def quant_study(lm:LM, methods:list, task, name:str) -> pd.DataFrame:
     "A cached `Study` of `methods` on `lm` with a `bits_per_weight` column for the quantized layers."

@@ -12,10 +12,11 @@ from .core import WorkbenchError, best_times, check_choice
 from .models import cache_dir
 
 # %% auto #0
-__all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'FLOOR', 'BENCHES',
-           'regression_notebooks', 'compare', 'environment', 'run_regression', 'regress', 'tolerance', 'calibrated',
-           'source_hash', 'resumable_run', 'calibrate', 'demo', 'bench_eval', 'bench_function', 'bench_options',
-           'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench', 'parser', 'main']
+__all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'AVX2_SSE42', 'COMPILES', 'FLOOR',
+           'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression', 'regress',
+           'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'calibrate', 'demo', 'bench_eval',
+           'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench',
+           'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -42,6 +43,14 @@ def compare(metrics:dict, baseline:dict) -> pd.DataFrame:
 THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS') # read by torch and MKL when the kernel starts
 SSE42 = {'ATEN_CPU_CAPABILITY': 'default', 'MKL_ENABLE_INSTRUCTIONS': 'SSE4_2'} # other kernels, as on an older CPU
 SETTINGS = {'1 thread': dict(threads=1), '2 threads': dict(threads=2), 'SSE4.2 kernels': dict(threads=2, env=SSE42)}
+AVX2_SSE42 = {'ATEN_CPU_CAPABILITY': 'avx2', 'MKL_ENABLE_INSTRUCTIONS': 'SSE4_2'} # the same BLAS; compiling works
+COMPILES = ('sparse',) # notebooks whose FlexAttention kernels need a vector ISA (not ATEN_CPU_CAPABILITY=default)
+
+def settings_for(name:str) -> dict:
+    "The settings regression notebook `name` is calibrated under: `SETTINGS`, with AVX2 kernels where it compiles."
+    if name not in COMPILES: return SETTINGS
+    plain = {k: v for k, v in SETTINGS.items() if k != 'SSE4.2 kernels'}
+    return {**plain, 'AVX2 + SSE4.2 BLAS': dict(threads=2, env=AVX2_SSE42)}
 
 @contextmanager
 def environment(threads:int|None=None, # torch and BLAS threads of the processes started inside (None: unchanged)
@@ -127,11 +136,13 @@ def resumable_run(name:str, profile:str, out_dir:Path, **setting) -> dict:
     result = run_regression(name, profile, out_dir, **setting)
     stamp.write_text(code); return result
 
-def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0, settings:dict=SETTINGS) -> pd.DataFrame:
+def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0,
+              settings:dict|None=None) -> pd.DataFrame: # default: `settings_for` each notebook
     "Run notebooks under every setting; write baselines with the median value and a tolerance from the measured spread."
     out_dir, rows = Path(out_dir or cache_dir()/'calibrate'), []
     for name in names or list(regression_notebooks()):
-        runs = {s: resumable_run(name, profile, out_dir/s.replace(' ', '_'), **kw) for s, kw in settings.items()}
+        runs = {s: resumable_run(name, profile, out_dir/s.replace(' ', '_'), **kw)
+                for s, kw in (settings or settings_for(name)).items()}
         base = calibrated(runs, margin)
         _write_baseline(name, profile, base)
         rows += [dict(notebook=name, profile=profile, metric=k, **{x: b[x] for x in ('value', 'spread', 'tol')})

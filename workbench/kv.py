@@ -415,9 +415,10 @@ class Evict(KVMethod):
     def theory(self, lm, base):
         "The budget's fraction of the full cache after the baseline's tokens: `allocate`'s sum, else the uniform one."
         n, L = base['kv'] / _kv_per_token(lm), facts(lm)['layers']
-        per = self.allocate(round(n), L) if round(n) else None
+        seen = round(n)
+        per = self.allocate(seen, L) if seen else None
         if per is not None: # the per-layer budgets `layout` gives
-            return {**base, 'kv': round(base['kv'] * sum(min(p, round(n)) for p in per) / (L * round(n)))}
+            return {**base, 'kv': round(base['kv'] * sum(min(p, seen) for p in per) / (L * seen))}
         if not self.tokens: return {**base, 'kv': round(base['kv'] * (1 - self.ratio))}
         return {**base, 'kv': round(base['kv'] * min(1, self.tokens / n))} if n else dict(base)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import copy, math, re
 from dataclasses import dataclass
+from typing import ClassVar
 import torch, torch.nn.functional as F
 from torch import nn
 from .core import LM, Knob, Method, WorkbenchError, check_choice, threads
@@ -366,9 +367,10 @@ class GPTQ(AffineQuant):
         Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
         Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens (calib split)'),
         Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'))
+    _hessians: ClassVar[dict] = {} # id(Linear) -> its Hessian, set by `install` while it quantizes (never mutated)
 
     def quantize(self, w, lin=None):
-        H = getattr(self, '_hessians', {}).get(id(lin))
+        H = self._hessians.get(id(lin))
         if H is None: raise WorkbenchError("GPTQ needs calibration: apply it to a model (GPTQ(...).apply(lm)) "
                                            "instead of quantizing a bare matrix")
         return gptq_quantize(self, w, H, self.damp, self.act_order)

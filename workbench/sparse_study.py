@@ -12,7 +12,7 @@ from .tasks import NeedleTask, forward_cached, no_dropped_tokens, perplexity_met
 from .sparse import SparseAttention, sparse_patterns
 
 # %% auto #0
-__all__ = ['COUNTERS', 'Sparse', 'BUDGET_VALUES', 'AttentionCounts', 'patterns_at_budget', 'DecodePerplexity', 'DecodeNeedle']
+__all__ = ['COUNTERS', 'BUDGET_VALUES', 'AttentionCounts', 'patterns_at_budget', 'DecodePerplexity', 'DecodeNeedle']
 
 # %% ../nbs/41_sparse_study.ipynb #a757124e
 COUNTERS = ('kept_fraction', 'computed_fraction', 'decode_kept_fraction', 'decode_computed_fraction', 'read_fraction',
@@ -33,8 +33,6 @@ class AttentionCounts(Task):
         method.reset()
         out = self.task.run(lm, ref)
         return {**out, **{c: getattr(method, c) for c in COUNTERS}}
-
-Sparse = AttentionCounts # old name
 
 # %% ../nbs/41_sparse_study.ipynb #ab50238f
 BUDGET_VALUES = { # knob values of each pattern at about `b` keys per query (Quest: per decoding query)

@@ -31,6 +31,6 @@ def test_an_option_the_benchmark_does_not_take(with_toy, capsys):
     with pytest.raises(WorkbenchError, match="takes no option 'repeats'; valid: tokens, lengths, model, progress"):
         run_bench('toy', repeats=2)
     assert main(['bench', 'kv', '--tokens', '512']) == 2
-    assert "(workbench.kv_study.bench) takes no option 'tokens'; valid: lengths, trials" in capsys.readouterr().err
+    assert "(workbench.kv.study.bench) takes no option 'tokens'; valid: lengths, trials" in capsys.readouterr().err
     assert main(['bench', 'quant', '--help']) == 0
     assert '--window 512' in capsys.readouterr().out

@@ -31,7 +31,7 @@ def state(lm):
     return ({k: v.clone() for k, v in lm.model.state_dict().items()}, [type(m) for m in lm.model.modules()],
             lm.model.config._attn_implementation, dict(lm.slots))
 
-CAUSAL = [n for n, c in CONCRETE.items() if c.family in ('quant', 'kv', 'sparse') or c.__module__.endswith('tokens_text')]
+CAUSAL = [n for n, c in CONCRETE.items() if c.family in ('quant', 'kv', 'sparse') or c.__module__.endswith('tokens.text')]
 
 @pytest.mark.parametrize('arch', ['llama', 'qwen2', 'gemma3'])
 @pytest.mark.parametrize('name', CAUSAL)

@@ -3,7 +3,7 @@ import json, os, re, secrets, shutil, signal, socket, subprocess, sys, time, url
 from html.parser import HTMLParser
 from pathlib import Path
 import nbformat, pytest
-from workbench.docs import build_docs, chapters, code_cell, exported_names, broken_links, external_resources, page_text
+from workbench.docs import build_docs, chapters, page_name, code_cell, exported_names, broken_links, external_resources, page_text
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS, BROWSER, CHROMIUM = ROOT/'nbs', ROOT/'tests'/'browser', Path(os.environ.get('CHROMIUM', '/usr/bin/chromium'))
@@ -101,9 +101,9 @@ def site(tmp_path_factory):
 
 def test_every_chapter_has_a_page_in_order(site):
     pages = chapters(NBS)
-    for p in pages: assert (site/f'{p.stem}.html').is_file(), p.name
+    for p in pages: assert (site/f'{page_name(NBS, p)}.html').is_file(), p.name
     nav = re.findall(r'<a class="reference internal" href="([^"#]+)"', (site/'index.html').read_text().split('sidebar-tree', 1)[1].split('</ul>', 1)[0])
-    assert nav == [f'{p.stem}.html' for p in pages[1:]], nav
+    assert nav == [f'{page_name(NBS, p)}.html' for p in pages[1:]], nav
 
 def test_index_page_is_the_readme(site):
     text, readme = page_text(site/'index.html'), (ROOT/'README.md').read_text(encoding='utf-8')
@@ -113,7 +113,7 @@ def test_index_page_is_the_readme(site):
 
 def test_directives_keep_their_meaning(site):
     for path in chapters(NBS):
-        page = Page(site/f'{path.stem}.html')
+        page = Page(site/f'{page_name(NBS, path)}.html')
         shown, hidden, slow, names = [], [], [], []
         for c in nbformat.read(path, as_version=4).cells:
             if c.cell_type != 'code': continue
@@ -141,7 +141,8 @@ def test_links_work_offline(site):
 
 def test_site_in_chromium(site):
     need_browser()
-    charts = [p.stem for p in chapters(NBS) if 'Plotly.newPlot' in (site/f'{p.stem}.html').read_text(encoding='utf-8')]
+    charts = [page_name(NBS, p) for p in chapters(NBS)
+              if 'Plotly.newPlot' in (site/f'{page_name(NBS, p)}.html').read_text(encoding='utf-8')]
     assert '07_viz' in charts, charts
     shots = site/'screenshots'; shots.mkdir(exist_ok=True)
     port = free_port()
@@ -151,7 +152,7 @@ def test_site_in_chromium(site):
         r = node('site.mjs', f'http://127.0.0.1:{port}', shots, 'index.html', f'{charts[0]}.html')
     finally: stop(server)
     assert r['index']['h1'] == 'workbench', r['index']
-    assert r['index']['nav'] == [f'{p.stem}.html' for p in chapters(NBS)[1:]], r['index']
+    assert r['index']['nav'] == [f'{page_name(NBS, p)}.html' for p in chapters(NBS)[1:]], r['index']
     c = r['chart']
     assert c['plots'] >= 1 and c['drawn'] == c['plots'] and c['traces'] >= 1 and c['points'] > 0, c
     assert r['offsite'] == [] and r['errors'] == [], r

@@ -3,9 +3,9 @@ the store and policy contracts, stacking and bad input."""
 import math, pytest, torch, torch.nn.functional as F
 from torch import nn
 from workbench.core import WorkbenchError, stack
-from workbench.kv import (KIVI, H2O, KVLayer, PyramidKV, pyramid_budgets, RandomEvict, Knorm,
-                          RecentOnly, SirLLM, SnapKV, StreamingLLM, ThinK, TOVA,
-                          Store, FullStore, KiviStore, ThinKStore, evicted_mask, kv_cache, attention_modules)
+from workbench.kv.methods import (KIVI, H2O, KVLayer, PyramidKV, pyramid_budgets, RandomEvict, Knorm, RecentOnly,
+                                  SirLLM, SnapKV, StreamingLLM, ThinK, TOVA, Store, FullStore, KiviStore, ThinKStore,
+                                  evicted_mask, kv_cache, attention_modules)
 from workbench.ledger import cache_bytes
 from workbench.models import tiny_lm, facts
 from workbench.tasks import forward_cached

@@ -3,10 +3,10 @@ environment are KVNeedle's, a missing environment names its install command, the
 and (slow, when the environment exists) the worker runs."""
 import ast, json, pytest, torch
 from pathlib import Path
-import workbench.kv_study as kv_study
+import workbench.kv.study as kv_study
 from workbench.core import LM, WorkbenchError
 from workbench.data import make_needle
-from workbench.kv_peers import (bench_kvpress, install_kvpress_env, kept_agreement, kept_cross_check, kept_pairs,
+from workbench.kv.peers import (bench_kvpress, install_kvpress_env, kept_agreement, kept_cross_check, kept_pairs,
                                 kv_needles,
                                 kvpress_env, kvpress_python, kvpress_table, model_folder)
 
@@ -47,7 +47,7 @@ def test_install_commands_printed(tmp_path, capsys):
 
 def test_worker_imports_no_workbench():
     "The worker runs in kvpress's environment (transformers < 5.3): it may not import workbench's modules."
-    import workbench.kvpress_worker as w
+    import workbench.kv.kvpress_worker as w
     tree = ast.parse(Path(w.__file__).read_text())
     mods = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     mods += [n.module or '' for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) if n.level == 0]
@@ -56,7 +56,7 @@ def test_worker_imports_no_workbench():
 
 def test_worker_bytes_equal_ledger():
     from transformers import DynamicCache
-    from workbench.kvpress_worker import held_bytes
+    from workbench.kv.kvpress_worker import held_bytes
     from workbench.ledger import cache_bytes
     c = DynamicCache()
     c.update(torch.zeros(1, 3, 7, 64), torch.zeros(1, 3, 7, 64), 0)

@@ -1,4 +1,4 @@
-"Checks of workbench.quant on tiny random models (fast) and on the real models (slow)."
+"Checks of workbench.quant.methods on tiny random models (fast) and on the real models (slow)."
 import math
 import pytest, torch
 import torch.nn.functional as F
@@ -7,7 +7,7 @@ from workbench.core import WorkbenchError, threads
 from workbench.ledger import weight_bytes
 from workbench.models import tiny_lm
 from workbench.packing import pack, unpack
-from workbench.quant import (GPTQ, HQQ, KMeans, QuantLinear, PaletteLinear, RTN, gptq_quantize, groups_of)
+from workbench.quant.methods import (GPTQ, HQQ, KMeans, QuantLinear, PaletteLinear, RTN, gptq_quantize, groups_of)
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -91,8 +91,8 @@ def test_ledger_matches_theory_and_restores(arch):
 
 def test_class_tree():
     "Weight methods are `LinearMethod`s, the affine ones `AffineQuant`s; no class switches a parent's part off."
-    from workbench.quant import LinearMethod, AffineQuant
-    from workbench.quant_study import MixedPrecision, BitStack, QuantoPeer, HQQPeer, HQQVariant
+    from workbench.quant.methods import LinearMethod, AffineQuant
+    from workbench.quant.study import MixedPrecision, BitStack, QuantoPeer, HQQPeer, HQQVariant
     from workbench.study import method_registry
     assert not LinearMethod.runnable() and not AffineQuant.runnable()
     assert all(issubclass(c, AffineQuant) for c in (RTN, HQQ, GPTQ, HQQVariant))
@@ -140,7 +140,7 @@ def test_minilm_8bit_cosine():
     assert r['emb_cosine'] > 0.999, r
 
 def test_allocate_and_budgets():
-    from workbench.quant_study import allocate, MixedPrecision, BitStack
+    from workbench.quant.study import allocate, MixedPrecision, BitStack
     s, c = {'a': {2: 1.0, 4: 0.1}, 'b': {2: 0.2, 4: 0.0}}, {'a': {2: 10, 4: 20}, 'b': {2: 10, 4: 20}}
     assert allocate(s, c, 30) == {'a': 4, 'b': 2}
     with pytest.raises(WorkbenchError, match='below the smallest representable size 20 bytes'): allocate(s, c, 19)
@@ -152,7 +152,7 @@ def test_allocate_and_budgets():
     with pytest.raises(WorkbenchError, match='bits_per_weight=0.1 is out of range'): BitStack(bits_per_weight=0.1)
 
 def test_mixed_and_stack_bytes():
-    from workbench.quant_study import MixedPrecision, BitStack
+    from workbench.quant.study import MixedPrecision, BitStack
     lm = tiny_lm('llama'); w0 = weight_bytes(lm.model)
     mp = MixedPrecision(avg_bits=3.0, group_size=16, calib_tokens=16)
     with mp.apply(lm): mixed = weight_bytes(lm.model)
@@ -165,7 +165,7 @@ def test_mixed_and_stack_bytes():
 
 @pytest.mark.slow
 def test_bench_quant_runs():
-    from workbench.quant_study import bench, bench_matmul, QuantoPeer
+    from workbench.quant.study import bench, bench_matmul, QuantoPeer
     t = bench(tokens=128, window=128, methods=[RTN(bits=4, group_size=32)], progress=None)
     assert list(t.method[:2]) == ['baseline (Q4_1-dequantized)', RTN(bits=4, group_size=32).name]
     assert abs(t.ppl[1] - t.ppl[0]) < 1e-4 and abs(t.bits_per_weight[1] - 5.0) < 1e-6
@@ -189,7 +189,7 @@ def reference_gptq(m, w, H, damp=0.01, dtype=torch.float64):
 def smollm2_layer():
     "A real layer of SmolLM2 (block 2's MLP down projection) and the float64 Hessian of its calibration inputs."
     from workbench.models import load
-    from workbench.quant import calib_batches
+    from workbench.quant.methods import calib_batches
     lm = load('smollm2-135m'); layer = lm.model.model.layers[2].mlp.down_proj; xs = []
     hook = layer.register_forward_hook(lambda mod, i, o: xs.append(i[0].reshape(-1, i[0].shape[-1]).double()))
     with torch.no_grad(): lm.model(**calib_batches(lm, 512, 512)[0], use_cache=False)

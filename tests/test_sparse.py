@@ -3,10 +3,10 @@ import pytest, torch
 from workbench.core import WorkbenchError
 from workbench.models import tiny_lm, load
 from workbench.ledger import kv_bytes_theory
-from workbench.sparse import (Window, SinkWindow, Strided, BlockSparse, TopK, SparseWindow, DynamicBlockSparse, Quest,
-                              RecordQKV, sparse_patterns, bench_patterns, max_error, method_mask, reference_attention,
-                              droppable_kv, as_eviction, causal, topk_mask, decode_mask)
-from workbench.sparse_study import AttentionCounts, DecodePerplexity, DecodeNeedle, patterns_at_budget
+from workbench.sparse.methods import (Window, SinkWindow, Strided, BlockSparse, TopK, SparseWindow, DynamicBlockSparse,
+                                      Quest, RecordQKV, sparse_patterns, bench_patterns, max_error, method_mask,
+                                      reference_attention, droppable_kv, as_eviction, causal, topk_mask, decode_mask)
+from workbench.sparse.study import AttentionCounts, DecodePerplexity, DecodeNeedle, patterns_at_budget
 from workbench.tasks import forward_cached, Perplexity
 
 torch.set_num_threads(1)

@@ -4,9 +4,9 @@ import pytest, torch
 import torch.nn.functional as F
 from workbench.core import WorkbenchError
 from workbench.models import load, tiny_lm
-from workbench.tokens_vision import (RandomPatchDrop, EViT, HiRED, ToMe, TokenProbe, TokenState, bipartite_merge, max_r,
+from workbench.tokens.vision import (RandomPatchDrop, EViT, HiRED, ToMe, TokenProbe, TokenState, bipartite_merge, max_r,
                                      split_budget, metered, token_map, pool_weights, size_pool, token_features)
-from workbench.tokens_text import (FastV, AttnPrune, SelfInfo, RandomPrompt, PromptNeedle, ContinuationPPL, prefill,
+from workbench.tokens.text import (FastV, AttnPrune, SelfInfo, RandomPrompt, PromptNeedle, ContinuationPPL, prefill,
                                    received_attention, top_tokens, causal_mask_for)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 from workbench.encoders import fashion_subset, vit_inputs
@@ -225,8 +225,8 @@ def test_fastv_refused_by_id_filter_tasks():
 
 def test_registry_finds_token_methods():
     from workbench.study import method_registry
-    from workbench.tokens_vision import vision_token_methods
-    from workbench.tokens_text import text_token_methods
+    from workbench.tokens.vision import vision_token_methods
+    from workbench.tokens.text import text_token_methods
     reg = method_registry()
     for name in ('RandomPatchDrop', 'EViT', 'HiRED', 'ToMe', 'FastV', 'AttnPrune', 'SelfInfo', 'RandomPrompt'):
         assert reg[name].family == 'tokens'

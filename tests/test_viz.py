@@ -37,15 +37,15 @@ def test_results_of_every_kind():
     with pytest.raises(WorkbenchError, match="unknown knob of Keep, Merge 'sed'"): explore([Keep, Merge], figure, fixed={'sed': 1})
 
 def test_family_explorers_on_tiny_models():
-    from workbench.quant_study import quant_explorer, RTN, HQQ
-    from workbench.kv_study import kv_explorer, StreamingLLM, KIVI
+    from workbench.quant.study import quant_explorer, RTN, HQQ
+    from workbench.kv.study import kv_explorer, StreamingLLM, KIVI
     lm = tiny_lm('llama')
     q = quant_explorer(lm, (RTN, HQQ), fixed={'iters': 2})
     before = q.output.outputs
     q.controls['bits'].value = 2
     assert q.output.outputs != before and 'RTN(bits=2' in q.result.layout.title.text
     from transformers import AutoTokenizer
-    from workbench.kv_peers import model_folder
+    from workbench.kv.peers import model_folder
     tok = AutoTokenizer.from_pretrained(model_folder()) # SmolLM2's tokenizer, for the perplexity split
     lm = tiny_lm('llama', vocab=len(tok)); lm.tokenizer = tok
     kv = kv_explorer(lm, tokens=64, chunk=16, methods=(StreamingLLM, KIVI))

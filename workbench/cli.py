@@ -124,8 +124,10 @@ def calibrated(runs:dict, # setting -> the metrics a notebook wrote under it
 
 def source_hash(name:str) -> str:
     "A hash of the package's source and regression notebook `name`: a run is reusable while it is unchanged."
-    files = sorted((ROOT/'workbench').glob('*.py')) + [regression_notebooks()[name]]
-    return hashlib.sha256(b''.join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+    lib = ROOT/'workbench'
+    files = sorted(lib.rglob('*.py')) + [regression_notebooks()[name]]
+    named = b''.join(f.relative_to(lib).as_posix().encode() + f.read_bytes() for f in files)
+    return hashlib.sha256(named).hexdigest()[:16]
 
 def resumable_run(name:str, profile:str, out_dir:Path, **setting) -> dict:
     "`run_regression` under one setting, reusing the metrics of an earlier run on the same source (`source_hash`)."
@@ -207,10 +209,10 @@ def bench_eval(tokens:int=2048, # tokens of the `eval` split
 
 # %% ../nbs/09_cli.ipynb #c9b3e1a2
 BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:function'): options in, a DataFrame out
-           'quant': 'workbench.quant_study:bench',
-           'matmul': 'workbench.quant_study:bench_matmul',
-           'kv': 'workbench.kv_study:bench',
-           'sparse': 'workbench.sparse:bench_sparse'}
+           'quant': 'workbench.quant.study:bench',
+           'matmul': 'workbench.quant.study:bench_matmul',
+           'kv': 'workbench.kv.study:bench',
+           'sparse': 'workbench.sparse.methods:bench_sparse'}
 
 def bench_function(path): # 'module:function', or the function itself
     "The benchmark function named by 'module:function'."
@@ -336,7 +338,7 @@ def main(argv=None) -> int:
 
             return 1 if len(bad) and not a.update_baseline else 0
         if a.cmd == 'peers':
-            from workbench.kv_peers import install_kvpress_env
+            from workbench.kv.peers import install_kvpress_env
             install_kvpress_env(); return 0
         if a.cmd == 'docs':
             from workbench.docs import build_docs

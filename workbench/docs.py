@@ -20,10 +20,10 @@ from .core import WorkbenchError, Method
 
 # %% auto #0
 __all__ = ['HIDE_CELL', 'HIDE_INPUT', 'HIDE_OUTPUT', 'NO_RUN', 'STOPPED', 'PLOTLY_MIME', 'WIDGET_MIME', 'WIDGET_NOTE',
-           'project_root', 'project_settings', 'chapters', 'cell_tags', 'code_cell', 'exported_names', 'signature_line',
-           'params_table', 'knobs_table', 'methods_list', 'api_doc', 'prepare', 'run_notebook', 'run_notebooks',
-           'web_outputs', 'sphinx_conf', 'toc_cell', 'clear_out', 'build_docs', 'page_text', 'broken_links',
-           'external_resources']
+           'project_root', 'project_settings', 'chapters', 'page_name', 'cell_tags', 'code_cell', 'exported_names',
+           'signature_line', 'params_table', 'knobs_table', 'methods_list', 'api_doc', 'prepare', 'run_notebook',
+           'run_notebooks', 'web_outputs', 'sphinx_conf', 'toc_cell', 'clear_out', 'build_docs', 'page_text',
+           'broken_links', 'external_resources']
 
 # %% ../nbs/90_docs.ipynb #1b78751f
 def project_root(path=None # a folder inside the project (default: the working directory)
@@ -44,13 +44,18 @@ def project_settings(root:Path # the project folder
         if not s.get(k): raise WorkbenchError(f"settings.ini in {root} has no {k}")
     return {'nbs_path': 'nbs', 'tst_flags': 'notest', **s}
 
-def chapters(nbs:Path # the notebooks folder
+def chapters(nbs:Path # the notebooks folder, a family's chapters in a subfolder of it
             ) -> list:
-    "The notebooks of `nbs` in page order: `index.ipynb` first, then the chapters by file name."
-    found = sorted(p for p in Path(nbs).glob('*.ipynb') if not p.name.startswith(('_', '.')))
+    "The notebooks of `nbs` and its subfolders in page order: `index.ipynb` first, then the chapters by file name."
+    found = sorted(p for p in Path(nbs).rglob('*.ipynb')
+                   if not any(part.startswith(('_', '.')) for part in p.relative_to(nbs).parts))
     if not any(p.name == 'index.ipynb' for p in found):
         raise WorkbenchError(f"no index.ipynb in {nbs}; the index page is made from it")
     return sorted(found, key=lambda p: (p.name != 'index.ipynb', p.name))
+
+def page_name(nbs:Path, path:Path) -> str: # the notebooks folder; a notebook in it
+    "The name of notebook `path`'s page in the site: its path in `nbs` without the suffix, e.g. `kv/20_kv`."
+    return Path(path).relative_to(nbs).with_suffix('').as_posix()
 
 # %% ../nbs/90_docs.ipynb #9aa534dc
 HIDE_CELL, HIDE_INPUT, HIDE_OUTPUT, NO_RUN = 'remove-cell', 'remove-input', 'remove-output', 'skip-execution'
@@ -218,17 +223,17 @@ def _ran(name, secs, stopped, timeout) -> str:
             + ('' if stopped is None else f", stopped at its time limit of {timeout:g} s (cell {stopped})"))
 
 def run_notebooks(books:dict, # {path: prepared notebook}, replaced by the executed notebooks
-                  cwd:Path, # the working directory of the kernels
+                  cwd:Path|None=None, # the working directory of the kernels (None: each notebook's folder)
                   workers:int=2, # notebooks executed at once
                   timeout:float=600, # seconds each notebook may run
                   log=print # called with a line for each notebook
                  ):
     "Execute the notebooks of `books`, `workers` at a time, each in a fresh process and kernel."
     if workers <= 1:
-        for p, nb in books.items(): log(_ran(p.name, *run_notebook(nb, cwd, timeout, p.name), timeout))
+        for p, nb in books.items(): log(_ran(p.name, *run_notebook(nb, cwd or p.parent, timeout, p.name), timeout))
         return books
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-        jobs = {pool.submit(_run_copy, nb, cwd, timeout, p.name): p for p, nb in books.items()}
+        jobs = {pool.submit(_run_copy, nb, cwd or p.parent, timeout, p.name): p for p, nb in books.items()}
         for job in as_completed(jobs):
             if job.exception() is not None:
                 for j in jobs: j.cancel()
@@ -272,10 +277,9 @@ def sphinx_conf(s:dict # the project's settings, from `project_settings`
         suppress_warnings=['myst.header', 'mystnb.unknown_mime_type', 'misc.highlighting_failure'],
     ).items()) + '\n'
 
-def toc_cell(pages:list): # the notebooks' paths, in page order
-    "A markdown cell with the hidden table of contents listing `pages` (notebook paths) in order."
-    return nbformat.v4.new_markdown_cell('```{toctree}\n:hidden:\n:maxdepth: 1\n\n' + '\n'.join(p.stem for p in pages)
-                                         + '\n```')
+def toc_cell(pages:list): # the pages' names (`page_name`), in order
+    "A markdown cell with the hidden table of contents listing `pages` in order."
+    return nbformat.v4.new_markdown_cell('```{toctree}\n:hidden:\n:maxdepth: 1\n\n' + '\n'.join(pages) + '\n```')
 
 def clear_out(out:Path # the site folder
              ) -> Path:
@@ -304,13 +308,15 @@ def build_docs(out:Path, # the folder to write the site to: new, empty, or an ea
                         name=p.name) for p in pages}
     if execute:
         os.environ.setdefault('HF_HUB_OFFLINE', '1') # the kernels inherit it: models load from disk only
-        run_notebooks(books, nbs, workers, timeout, log)
+        run_notebooks(books, None, workers, timeout, log) # each kernel in its notebook's folder, as in JupyterLab
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp)/'src'; (src/'_static').mkdir(parents=True)
         (src/'_static'/'plotly.min.js').write_text(get_plotlyjs(), encoding='utf-8')
         (src/'conf.py').write_text(sphinx_conf(s), encoding='utf-8')
-        books[pages[0]].cells.append(toc_cell(pages[1:]))
-        for p, nb in books.items(): nbformat.write(web_outputs(nb), src/p.name)
+        books[pages[0]].cells.append(toc_cell([page_name(nbs, p) for p in pages[1:]]))
+        for p, nb in books.items():
+            (src/p.relative_to(nbs)).parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(web_outputs(nb), src/p.relative_to(nbs))
         if (nbs/'images').is_dir(): shutil.copytree(nbs/'images', src/'images') # pictures the markdown cells show
         from sphinx.cmd.build import build_main
         # -W: a warning (a link to a page or anchor that does not exist, say) fails the build, after all are listed

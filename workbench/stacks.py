@@ -146,9 +146,9 @@ SCENARIOS = {'bf16 weights, bf16 KV': {},
 # %% ../nbs/50_stacks.ipynb #2f94f555
 def headline_methods() -> list:
     "The configurations of the headline study: the best of each family at a few budgets, and stacks of them."
-    from workbench.quant import RTN, GPTQ
-    from workbench.kv import KIVI, H2O
-    from workbench.sparse import SinkWindow
+    from workbench.quant.methods import RTN, GPTQ
+    from workbench.kv.methods import KIVI, H2O
+    from workbench.sparse.methods import SinkWindow
     w4, w3 = RTN(bits=4, group_size=32), GPTQ(bits=3, group_size=64)
     kv = [KIVI(bits=4), KIVI(bits=2), H2O(ratio=0.5), H2O(ratio=0.75)]
     return [w4, w3, *kv, SinkWindow(sinks=4, window=252), *[[w4, k] for k in kv],

@@ -117,8 +117,8 @@ class Study:
         return pd.DataFrame(rows).drop(columns=['config'])
 
 # %% ../nbs/08_study.ipynb #41294c51
-STUDY_MODULES = ('methods', 'tasks', 'encoders', 'quant', 'quant_study', 'kv', 'kv_study', 'kv_peers', 'tokens_vision',
-                 'tokens_text', 'sparse', 'sparse_study') # modules that define methods and tasks
+STUDY_MODULES = ('methods', 'tasks', 'encoders', 'quant.methods', 'quant.study', 'kv.methods', 'kv.study', 'kv.peers',
+                 'tokens.vision', 'tokens.text', 'sparse.methods', 'sparse.study') # those defining methods and tasks
 
 
 def import_studies():
@@ -127,7 +127,7 @@ def import_studies():
 
 def method_registry(family:str|None=None, # only this family's methods ('quant', 'kv', 'tokens', 'sparse')
                     bases:bool=False, # include the bases other methods build on (`Method.abstract`)
-                    module:str|None=None # only those defined in this module (e.g. 'workbench.sparse'), in its order
+                    module:str|None=None # only those defined in this module (e.g. 'workbench.kv.methods'), in its order
                    ) -> dict:
     "Every Method subclass defined in workbench, by class name: what study grids, specs and explorers offer."
     import_studies()

@@ -1,0 +1,1 @@
+"""KV-cache compression: the methods (`methods`), their study (`study`) and the kvpress peers (`peers`)."""

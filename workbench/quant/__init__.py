@@ -1,0 +1,1 @@
+"""Weight quantization: the methods (`methods`) and their study (`study`)."""

@@ -1,0 +1,1 @@
+"""Sparse attention: the patterns (`methods`) and their study (`study`)."""

@@ -1,0 +1,1 @@
+"""Token dropping and merging: vision (`vision`) and text (`text`)."""

@@ -4,9 +4,9 @@ from workbench.core import WorkbenchError
 from workbench.models import tiny_lm, load
 from workbench.ledger import kv_bytes_theory
 from workbench.sparse.methods import (Window, SinkWindow, Strided, BlockSparse, TopK, SparseWindow, DynamicBlockSparse,
-                                      Quest, RecordQKV, sparse_patterns, bench_patterns, max_error, method_mask,
+                                      Quest, RecordQKV, sparse_patterns, max_error, method_mask,
                                       reference_attention, droppable_kv, as_eviction, causal, topk_mask, decode_mask)
-from workbench.sparse.study import AttentionCounts, DecodePerplexity, DecodeNeedle, patterns_at_budget
+from workbench.sparse.study import AttentionCounts, DecodePerplexity, DecodeNeedle, study_grid, bench_grid
 from workbench.tasks import forward_cached, Perplexity
 
 torch.set_num_threads(1)
@@ -245,9 +245,9 @@ def test_registry():
                               'DynamicBlockSparse', 'Quest'] # RecordQKV (a tool) and the bases left out
     assert all(method_registry()[n] is c for n, c in patterns.items())
     assert all(c.family == 'sparse' and c.simulated for c in patterns.values())
-    assert [type(m).__name__ for m in bench_patterns()] == [n for n, c in patterns.items() if c.flex_block]
-    assert all(m.backend == 'flex' for m in bench_patterns())
-    assert [type(m).__name__ for m in patterns_at_budget(64)] == list(patterns)
+    assert [type(m).__name__ for m in bench_grid()] == [n for n, c in patterns.items() if c.flex_block]
+    assert all(m.backend == 'flex' for m in bench_grid())
+    assert [type(m).__name__ for m in study_grid(64)] == list(patterns)
 
 def test_decode_tasks(smol):
     "Decoding perplexity without a method equals teacher-forced perplexity at the same positions; Quest's prompt is dense, its steps sparse; the needle's question is decoded."

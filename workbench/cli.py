@@ -124,9 +124,8 @@ def calibrated(runs:dict, # setting -> the metrics a notebook wrote under it
 
 def source_hash(name:str) -> str:
     "A hash of the package's source and regression notebook `name`: a run is reusable while it is unchanged."
-    lib = ROOT/'workbench'
-    files = sorted(lib.rglob('*.py')) + [regression_notebooks()[name]]
-    named = b''.join(f.relative_to(lib).as_posix().encode() + f.read_bytes() for f in files)
+    files = sorted((ROOT/'workbench').rglob('*.py')) + [regression_notebooks()[name]]
+    named = b''.join(f.relative_to(ROOT).as_posix().encode() + f.read_bytes() for f in files)
     return hashlib.sha256(named).hexdigest()[:16]
 
 def resumable_run(name:str, profile:str, out_dir:Path, **setting) -> dict:
@@ -212,7 +211,7 @@ BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:
            'quant': 'workbench.quant.study:bench',
            'matmul': 'workbench.quant.study:bench_matmul',
            'kv': 'workbench.kv.study:bench',
-           'sparse': 'workbench.sparse.methods:bench_sparse'}
+           'sparse': 'workbench.sparse.study:bench'}
 
 def bench_function(path): # 'module:function', or the function itself
     "The benchmark function named by 'module:function'."

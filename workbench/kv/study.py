@@ -19,8 +19,8 @@ from .methods import KVLayer, KIVI, StreamingLLM, RecentOnly, RandomEvict, H2O, 
 from .methods import Evict, PyramidKV, ThinK
 
 # %% auto #0
-__all__ = ['QuantoKV', 'KVNeedle', 'short_name', 'bench_methods', 'bench', 'kept_positions', 'kept_heatmap', 'kv_evaluator',
-           'kv_explorer', 'study_methods', 'kv_study']
+__all__ = ['QuantoKV', 'KVNeedle', 'short_name', 'bench_grid', 'bench', 'kept_positions', 'kept_heatmap', 'kv_evaluator',
+           'kv_explorer', 'study_grid', 'run_study']
 
 # %% ../../nbs/kv/21_kv_study.ipynb #cd004382
 class QuantoKV(Method):
@@ -76,7 +76,7 @@ def short_name(m) -> str:
         return type(x).__name__ + bits + (' (query-aware)' if isinstance(x, SnapKV) and x.query_aware else '')
     return ' + '.join(label(x) for x in parts)
 
-def bench_methods(ratios=(0.5, 0.75, 0.9)) -> list:
+def bench_grid(ratios=(0.5, 0.75, 0.9)) -> list:
     "The methods `bench` compares: (label, ratio, method or None for the full cache); every registered policy."
     from workbench.study import family_grid
     rows = [('full cache', 0.0, None)]
@@ -95,7 +95,7 @@ def bench(lengths=(2048,), # needle context lengths
           keys:int=1, # needles per context (one is asked)
           ratios=(0.5, 0.75, 0.9), # compression ratios of the eviction policies (and of kvpress's presses)
           lm:LM=None, # default: SmolLM2
-          methods:list=None, # (label, ratio, method) rows; default `bench_methods(ratios)` (keep 'full cache' first)
+          methods:list=None, # (label, ratio, method) rows; default `bench_grid(ratios)` (keep 'full cache' first)
           peers:bool=True, # add kvpress's presses on the same needles when its environment is installed (chapter 22)
           presses=None, # kvpress presses by short name (default: chapter 22's `KVPRESS_PRESSES`)
           env=None, # the kvpress environment's folder (default: chapter 22's `kvpress_env()`)
@@ -103,7 +103,7 @@ def bench(lengths=(2048,), # needle context lengths
     "Needle accuracy, bytes held (peak, while answering) and seconds per query: ours, QuantizedCache and kvpress."
     lm = lm or load('smollm2-135m')
     task, rows = KVNeedle(lengths=lengths, trials=trials, keys=keys), []
-    for label, ratio, m in methods or bench_methods(ratios):
+    for label, ratio, m in methods or bench_grid(ratios):
         if isinstance(m, QuantoKV):
             try: import optimum.quanto # noqa: F401
             except ImportError:
@@ -181,7 +181,7 @@ def kv_explorer(lm:LM, tokens:int=256, chunk:int=32, # the model; decoding perpl
                    value=None if methods else 'SnapKV')
 
 # %% ../../nbs/kv/21_kv_study.ipynb #b0cd3622
-def study_methods(ratios=(0.5, 0.75, 0.9)) -> list:
+def study_grid(ratios=(0.5, 0.75, 0.9)) -> list:
     "Every registered eviction policy at each ratio, with variants and stacks; KIVI (both key axes), ThinK."
     from workbench.study import family_grid
     out = []
@@ -193,8 +193,8 @@ def study_methods(ratios=(0.5, 0.75, 0.9)) -> list:
     out += [ThinK(prune=p) for p in (0.25, 0.5)] + [stack(SnapKV(ratio=0.5), ThinK(prune=0.5))]
     return out
 
-def kv_study(task, methods=None, lm:LM=None, name:str='kv-study', root=None, progress:bool=True) -> pd.DataFrame:
-    "Run `methods` (default: `study_methods()`) on `task` with SmolLM2 (or `lm`) as a resumable `Study`."
+def run_study(task, methods=None, lm:LM=None, name:str='kv-study', root=None, progress:bool=True) -> pd.DataFrame:
+    "Run `methods` (default: `study_grid()`) on `task` with SmolLM2 (or `lm`) as a resumable `Study`."
     from workbench.study import Study
-    methods = study_methods() if methods is None else methods
+    methods = study_grid() if methods is None else methods
     return Study(lm or load('smollm2-135m'), methods, task, name=name, root=root).run(progress=progress)

@@ -10,6 +10,7 @@ import pandas as pd
 import torch, torch.nn.functional as F
 from torch import nn
 from ..core import LM, Knob, WorkbenchError, best_time, threads
+from ..models import load
 from ..ledger import weight_bytes, storage_bytes
 from .methods import (RTN, HQQ, GPTQ, KMeans, LinearMethod, AffineQuant, PackedLinear, QuantLinear,
                                      LAYERS_KNOB, BLOCK_NAME, block_list, block_inputs, calib_batches, hidden_out,
@@ -21,7 +22,7 @@ __all__ = ['units_of', 'block_index', 'Passthrough', 'start_at', 'model_output',
            'check_budget', 'allocate', 'MixedPrecision', 'residual_stack', 'StackLinear', 'input_rms', 'BitStack',
            'QuantoPeer', 'HQQPeer', 'hqq_library_linear', 'peers_available', 'shrink_lp_library', 'HQQVariant',
            'library_ingredients', 'quantized_weights', 'measure', 'hqq_layer_errors', 'hqq_ablation', 'layer_table',
-           'layer_heatmap', 'smollm2_grid', 'minilm_grid', 'quant_study', 'bench_configs', 'bench', 'bench_matmul',
+           'layer_heatmap', 'study_grid', 'minilm_grid', 'run_study', 'bench_grid', 'bench', 'bench_matmul',
            'output_change', 'quant_evaluator', 'quant_explorer']
 
 # %% ../../nbs/quant/11_quant_study.ipynb #9722ddc4
@@ -534,7 +535,7 @@ def layer_heatmap(table:pd.DataFrame, value:str='rel_error', title:str=None):
                      title=title or f'{value} per layer').update_layout(xaxis_title='layer', yaxis_title='block')
 
 # %% ../../nbs/quant/11_quant_study.ipynb #333398c6
-def smollm2_grid() -> list:
+def study_grid() -> list:
     "The configurations of the SmolLM2 study."
     g4 = [RTN(bits=4, granularity='tensor'), RTN(bits=4, granularity='channel')]
     g4 += [RTN(bits=4, group_size=g) for g in (128, 64, 32)]
@@ -553,17 +554,18 @@ def minilm_grid() -> list:
             + [RTN(bits=b, group_size=32) for b in (4, 3, 2)]
             + [HQQ(bits=3, group_size=32), GPTQ(bits=3, group_size=32, calib_window=256)])
 
-def quant_study(lm:LM, methods:list, task, name:str) -> pd.DataFrame:
-    "A cached `Study` of `methods` on `lm` with a `bits_per_weight` column for the quantized layers."
+def run_study(task, methods=None, lm:LM=None, name:str='quant-study', root=None, progress:bool=True) -> pd.DataFrame:
+    "Run `methods` (default: `study_grid()`) on `task` with SmolLM2 (or `lm`) as a resumable `Study`, with bits/weight."
     from workbench.study import Study
-    df = Study(lm, methods, task, name=name).run(progress=False)
+    methods, lm = study_grid() if methods is None else methods, lm or load('smollm2-135m')
+    df = Study(lm, methods, task, name=name, root=root).run(progress=progress)
     n = quantized_weights(lm, methods[0])
     df['bits_per_weight'] = [(r.weight_bytes - (r.weight_bytes_baseline - 4 * n)) * 8 / n if r.method != 'baseline'
                              else 32. for r in df.itertuples()]
     return df
 
 # %% ../../nbs/quant/11_quant_study.ipynb #96b1445c
-def bench_configs(peers:bool=True) -> list:
+def bench_grid(peers:bool=True) -> list:
     "Ours and (when installed) the peers at matching settings: the rows of `bench`."
     ours = [RTN(bits=8, granularity='channel', symmetric=True),
             RTN(bits=4, group_size=128), HQQ(bits=4, group_size=128), GPTQ(bits=4, group_size=128)]
@@ -577,16 +579,15 @@ def bench_configs(peers:bool=True) -> list:
 def bench(tokens:int=2048, # tokens of the `eval` split
           window:int=512, # tokens per perplexity window
           peers:bool=True, # include the optional peer libraries when installed
-          methods:list=None, # default: `bench_configs(peers)`
+          methods:list=None, # default: `bench_grid(peers)`
           progress=print) -> pd.DataFrame:
     "Perplexity, bytes and time to quantize of our methods and the peers, on SmolLM2 in one run."
-    from workbench.models import load
     from workbench.tasks import Perplexity
     lm = load('smollm2-135m'); task = Perplexity(tokens=tokens, window=window)
     ref = task.reference(lm); base = weight_bytes(lm.model)
     metrics = {k: v for k, v in task.run(lm, ref).items() if not k.startswith('ledger_')}
     rows = [dict(method='baseline (Q4_1-dequantized)', library='-', **metrics, weight_bytes=base, bits_per_weight=32.0)]
-    for m in methods or bench_configs(peers):
+    for m in methods or bench_grid(peers):
         r = measure(lm, m, task, ref, base)
         r['library'] = {'QuantoPeer': 'optimum-quanto', 'HQQPeer': 'hqq'}.get(type(m).__name__, 'workbench')
         rows.append(r)

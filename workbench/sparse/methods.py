@@ -14,12 +14,11 @@ from ..models import facts
 from ..ledger import kv_bytes_theory
 
 # %% auto #0
-__all__ = ['BACKENDS', 'QUERY_CHUNK', 'FLEX_BLOCK', 'BACKEND_KNOB', 'BENCH_VALUES', 'compiled_flex', 'causal', 'SparseAttention',
-           'Window', 'SinkWindow', 'Strided', 'BlockSparse', 'gqa_scores', 'topk_mask', 'masked_softmax_attention',
-           'ScoreSelect', 'TopK', 'SparseWindow', 'block_bounds', 'block_pairs', 'DynamicBlockSparse',
-           'reference_attention', 'method_mask', 'max_error', 'page_scores', 'top_pages', 'Quest', 'decode_mask',
-           'RecordQKV', 'as_eviction', 'droppable_kv', 'sparse_patterns', 'mask_figure', 'mask_explorer',
-           'bench_patterns', 'bench_sparse']
+__all__ = ['BACKENDS', 'QUERY_CHUNK', 'FLEX_BLOCK', 'BACKEND_KNOB', 'compiled_flex', 'causal', 'SparseAttention', 'Window',
+           'SinkWindow', 'Strided', 'BlockSparse', 'gqa_scores', 'topk_mask', 'masked_softmax_attention', 'ScoreSelect',
+           'TopK', 'SparseWindow', 'block_bounds', 'block_pairs', 'DynamicBlockSparse', 'reference_attention',
+           'method_mask', 'max_error', 'page_scores', 'top_pages', 'Quest', 'decode_mask', 'RecordQKV', 'as_eviction',
+           'droppable_kv', 'sparse_patterns', 'mask_figure', 'mask_explorer']
 
 # %% ../../nbs/sparse/40_sparse.ipynb #0b6b9c5b
 BACKENDS = ('sdpa', 'flex')
@@ -512,65 +511,3 @@ def mask_explorer(rec:RecordQKV, # recorded queries and keys of one forward
              Knob('head', 0, low=0, high=heads - 1, doc='query head'))
     return explore(sparse_patterns(), lambda m, layer, head: mask_figure(m, rec, layer, head),
                    fixed={'backend': 'sdpa'}, extra=where, value=pattern)
-
-# %% ../../nbs/sparse/40_sparse.ipynb #d36f4885
-BENCH_VALUES = { # knob values of the patterns `bench_sparse` times, about 1/8 of 2k tokens (others: knob defaults)
-    'Window': dict(window=256), 'SinkWindow': dict(sinks=4, window=252), 'Strided': dict(window=128, stride=128),
-    'BlockSparse': dict(block=128, local=2, globals=1), 'DynamicBlockSparse': dict(block=128, blocks=2)}
-
-def bench_patterns() -> list:
-    "The patterns `bench_sparse` times: each pattern FlexAttention can run, on the flex backend at `BENCH_VALUES`."
-    return [c(**BENCH_VALUES.get(n, {}), backend='flex') for n, c in sparse_patterns().items() if c.flex_block]
-
-# %% ../../nbs/sparse/40_sparse.ipynb #8d4a144b
-def _print_row(row:dict):
-    print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()), flush=True)
-
-@torch.no_grad()
-def bench_sparse(lengths=(2048, 4096, 8192), # prefill lengths in tokens (attention level)
-                 methods=None, # flex-backend methods (default: `bench_patterns()`)
-                 repeats:int=3, # best of this many timed calls (attention level; the model level times one call)
-                 model:str|None='smollm2-135m', # also time whole-model prefill of this model (None: attention only)
-                 model_lengths=(2048, 4096), # lengths of the whole-model prefill
-                 model_methods=(Window, SinkWindow, DynamicBlockSparse), # pattern classes timed on the whole model
-                 reference:bool=True, # also time the masked-SDPA reference of each method once
-                 progress:bool=True): # print each row as it is measured
-    "Prefill time of sparse attention on FlexAttention against dense causal SDPA, as ratios measured in one run."
-    methods = methods or bench_patterns()
-    for m in methods:
-        if m.backend != 'flex':
-            raise WorkbenchError(f"bench_sparse times FlexAttention; {m.name} has backend={m.backend!r}; valid: 'flex'")
-    from workbench.models import load # here, so that the benchmark module stays light
-    rows, lm = [], (load(model) if model else None)
-    Hq, Hkv, D = (9, 3, 64) if lm is None else (facts(lm)['q_heads'], facts(lm)['kv_heads'], facts(lm)['head_dim'])
-    def add(**row):
-        rows.append(row)
-        if progress: _print_row(row)
-    for T in lengths:
-        q, k, v = (torch.randn(1, h, T, D) for h in (Hq, Hkv, Hkv))
-        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        dense = best_time(sdpa, repeats, warmup=False)
-        add(level='attention', tokens=T, method='dense SDPA', seconds=dense, ratio=1.0)
-        for m in methods:
-            m.reset()
-            t0 = time.perf_counter(); m.attend(q, k, v, None, D ** -0.5); first = time.perf_counter() - t0
-            t = best_time(lambda: m.attend(q, k, v, None, D ** -0.5), repeats, warmup=False) # first call: above
-            row = dict(level='attention', tokens=T, method=m.name, seconds=t, ratio=t / dense, first_call_s=first,
-                       kept_fraction=m.kept_fraction, block_fraction=m.block_fraction)
-            if reference:
-                r = type(m)(**{**m.values, 'backend': 'sdpa'})
-                row['reference_s'] = best_time(lambda: r.attend(q, k, v, None, D ** -0.5), 1, warmup=False)
-            add(**row)
-    for T in (model_lengths if lm is not None else ()):
-        ids = torch.randint(0, lm.model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
-        base = best_time(lambda: lm.model(ids), 1, warmup=False)
-        add(level='model', tokens=T, method='dense SDPA', seconds=base, ratio=1.0)
-        for m in methods:
-            if not isinstance(m, tuple(model_methods)): continue
-            with m.apply(lm):
-                t0 = time.perf_counter(); lm.model(ids); first = time.perf_counter() - t0 # compiles once per length
-                t = best_time(lambda: lm.model(ids), 1, warmup=False)
-            add(level='model', tokens=T, method=m.name, seconds=t, ratio=t / base, first_call_s=first)
-    if progress:
-        print(f"torch threads: {torch.get_num_threads()}; ratio = time / dense SDPA at the same length and level")
-    return pd.DataFrame(rows)

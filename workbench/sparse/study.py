@@ -5,14 +5,18 @@
 # %% ../../nbs/sparse/41_sparse_study.ipynb #d23e10de
 from __future__ import annotations
 import torch, torch.nn.functional as F
-from ..core import LM, Task, WorkbenchError
+import time
+import pandas as pd
+from ..core import LM, Task, WorkbenchError, best_time
+from ..models import facts, load
 from ..data import split, split_ids
 from ..ledger import cache_bytes
 from ..tasks import NeedleTask, forward_cached, no_dropped_tokens, perplexity_metrics
-from .methods import SparseAttention, sparse_patterns
+from .methods import SparseAttention, Window, SinkWindow, DynamicBlockSparse, sparse_patterns
 
 # %% auto #0
-__all__ = ['COUNTERS', 'BUDGET_VALUES', 'AttentionCounts', 'patterns_at_budget', 'DecodePerplexity', 'DecodeNeedle']
+__all__ = ['COUNTERS', 'BUDGET_VALUES', 'BENCH_VALUES', 'AttentionCounts', 'study_grid', 'DecodePerplexity', 'DecodeNeedle',
+           'run_study', 'bench_grid', 'bench']
 
 # %% ../../nbs/sparse/41_sparse_study.ipynb #a757124e
 COUNTERS = ('kept_fraction', 'computed_fraction', 'decode_kept_fraction', 'decode_computed_fraction', 'read_fraction',
@@ -45,8 +49,8 @@ BUDGET_VALUES = { # knob values of each pattern at about `b` keys per query (Que
     'DynamicBlockSparse': lambda b: dict(block=max(1, b // 8), blocks=3),
     'Quest': lambda b: dict(budget=b, page=16 if b >= 64 else max(1, b // 4))}
 
-def patterns_at_budget(budget:int=256, # keys per query (about) for every pattern
-                       backend:str='sdpa'): # 'sdpa' or 'flex' for the patterns flex can run
+def study_grid(budget:int=256, # keys per query (about) for every pattern
+               backend:str='sdpa'): # 'sdpa' or 'flex' for the patterns flex can run
     "One method of each sparse pattern at about `budget` keys per query (Quest: per decoding query)."
     values = lambda name: BUDGET_VALUES.get(name, lambda b: {})(budget) # no entry: the knob defaults
     return [cls(**values(name), backend=backend if cls.flex_block else 'sdpa')
@@ -100,3 +104,74 @@ class DecodeNeedle(NeedleTask):
     name = 'decode_needle'
     def __init__(self, *args, question_chunk:int=1, **kwargs): # the needle task's options; one question token a step
         super().__init__(*args, question_chunk=question_chunk, **kwargs)
+
+# %% ../../nbs/sparse/41_sparse_study.ipynb #5a1e0c12
+def run_study(task:Task, # the task; wrapped in `AttentionCounts` unless it is one
+              methods=None, # default: `study_grid()`
+              lm:LM=None, name:str='sparse-study', root=None, progress:bool=True) -> pd.DataFrame:
+    "Run `methods` on `task` with SmolLM2 (or `lm`) as a resumable `Study`, the sparse counters in every row."
+    from workbench.study import Study
+    task = task if isinstance(task, AttentionCounts) else AttentionCounts(task)
+    methods = study_grid() if methods is None else methods
+    return Study(lm or load('smollm2-135m'), methods, task, name=name, root=root).run(progress=progress)
+
+# %% ../../nbs/sparse/41_sparse_study.ipynb #d36f4885
+BENCH_VALUES = { # knob values of the patterns `bench` times, about 1/8 of 2k tokens (others: knob defaults)
+    'Window': dict(window=256), 'SinkWindow': dict(sinks=4, window=252), 'Strided': dict(window=128, stride=128),
+    'BlockSparse': dict(block=128, local=2, globals=1), 'DynamicBlockSparse': dict(block=128, blocks=2)}
+
+def bench_grid() -> list:
+    "The patterns `bench` times: each pattern FlexAttention can run, on the flex backend at `BENCH_VALUES`."
+    return [c(**BENCH_VALUES.get(n, {}), backend='flex') for n, c in sparse_patterns().items() if c.flex_block]
+
+# %% ../../nbs/sparse/41_sparse_study.ipynb #8d4a144b
+def _print_row(row:dict):
+    print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()), flush=True)
+
+@torch.no_grad()
+def bench(lengths=(2048, 4096, 8192), # prefill lengths in tokens (attention level)
+          methods=None, # flex-backend methods (default: `bench_grid()`)
+          repeats:int=3, # best of this many timed calls (attention level; the model level times one call)
+          model:str|None='smollm2-135m', # also time whole-model prefill of this model (None: attention only)
+          model_lengths=(2048, 4096), # lengths of the whole-model prefill
+          model_methods=(Window, SinkWindow, DynamicBlockSparse), # pattern classes timed on the whole model
+          reference:bool=True, # also time the masked-SDPA reference of each method once
+          progress:bool=True): # print each row as it is measured
+    "Prefill time of sparse attention on FlexAttention against dense causal SDPA, as ratios measured in one run."
+    methods = methods or bench_grid()
+    for m in methods:
+        if m.backend != 'flex':
+            raise WorkbenchError(f"the sparse benchmark times FlexAttention; {m.name} has backend={m.backend!r}; valid: 'flex'")
+    rows, lm = [], (load(model) if model else None)
+    Hq, Hkv, D = (9, 3, 64) if lm is None else (facts(lm)['q_heads'], facts(lm)['kv_heads'], facts(lm)['head_dim'])
+    def add(**row):
+        rows.append(row)
+        if progress: _print_row(row)
+    for T in lengths:
+        q, k, v = (torch.randn(1, h, T, D) for h in (Hq, Hkv, Hkv))
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        dense = best_time(sdpa, repeats, warmup=False)
+        add(level='attention', tokens=T, method='dense SDPA', seconds=dense, ratio=1.0)
+        for m in methods:
+            m.reset()
+            t0 = time.perf_counter(); m.attend(q, k, v, None, D ** -0.5); first = time.perf_counter() - t0
+            t = best_time(lambda: m.attend(q, k, v, None, D ** -0.5), repeats, warmup=False) # first call: above
+            row = dict(level='attention', tokens=T, method=m.name, seconds=t, ratio=t / dense, first_call_s=first,
+                       kept_fraction=m.kept_fraction, block_fraction=m.block_fraction)
+            if reference:
+                r = type(m)(**{**m.values, 'backend': 'sdpa'})
+                row['reference_s'] = best_time(lambda: r.attend(q, k, v, None, D ** -0.5), 1, warmup=False)
+            add(**row)
+    for T in (model_lengths if lm is not None else ()):
+        ids = torch.randint(0, lm.model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+        base = best_time(lambda: lm.model(ids), 1, warmup=False)
+        add(level='model', tokens=T, method='dense SDPA', seconds=base, ratio=1.0)
+        for m in methods:
+            if not isinstance(m, tuple(model_methods)): continue
+            with m.apply(lm):
+                t0 = time.perf_counter(); lm.model(ids); first = time.perf_counter() - t0 # compiles once per length
+                t = best_time(lambda: lm.model(ids), 1, warmup=False)
+            add(level='model', tokens=T, method=m.name, seconds=t, ratio=t / base, first_call_s=first)
+    if progress:
+        print(f"torch threads: {torch.get_num_threads()}; ratio = time / dense SDPA at the same length and level")
+    return pd.DataFrame(rows)

@@ -141,7 +141,8 @@ def bench(lengths=(2048, 4096, 8192), # prefill lengths in tokens (attention lev
     methods = methods or bench_grid()
     for m in methods:
         if m.backend != 'flex':
-            raise WorkbenchError(f"the sparse benchmark times FlexAttention; {m.name} has backend={m.backend!r}; valid: 'flex'")
+            raise WorkbenchError(f"the sparse benchmark times FlexAttention; {m.name} has backend={m.backend!r}; "
+                                 "valid: 'flex'")
     rows, lm = [], (load(model) if model else None)
     Hq, Hkv, D = (9, 3, 64) if lm is None else (facts(lm)['q_heads'], facts(lm)['kv_heads'], facts(lm)['head_dim'])
     def add(**row):

@@ -315,9 +315,9 @@ def build_docs(out:Path, # the folder to write the site to: new, empty, or an ea
         (src/'conf.py').write_text(sphinx_conf(s), encoding='utf-8')
         books[pages[0]].cells.append(toc_cell([page_name(nbs, p) for p in pages[1:]]))
         for p, nb in books.items():
-            (src/p.relative_to(nbs)).parent.mkdir(parents=True, exist_ok=True)
-            up = '../' * (len(p.relative_to(nbs).parts) - 1) # a page in a family's folder loads plotly.js from above
-            nbformat.write(web_outputs(nb, up + '_static/plotly.min.js'), src/p.relative_to(nbs))
+            rel = p.relative_to(nbs); (src/rel).parent.mkdir(parents=True, exist_ok=True)
+            up = '../' * (len(rel.parts) - 1) # a page in a family's folder loads plotly.js from above
+            nbformat.write(web_outputs(nb, up + '_static/plotly.min.js'), src/rel)
         if (nbs/'images').is_dir(): shutil.copytree(nbs/'images', src/'images') # pictures the markdown cells show
         from sphinx.cmd.build import build_main
         # -W: a warning (a link to a page or anchor that does not exist, say) fails the build, after all are listed

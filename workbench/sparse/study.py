@@ -4,9 +4,8 @@
 
 # %% ../../nbs/sparse/41_sparse_study.ipynb #d23e10de
 from __future__ import annotations
-import torch, torch.nn.functional as F
 import time
-import pandas as pd
+import pandas as pd, torch, torch.nn.functional as F
 from ..core import LM, Task, WorkbenchError, best_time
 from ..models import facts, load
 from ..data import split, split_ids

@@ -21,7 +21,7 @@ def test_missing_model_package_names_install_command():
 
 def test_unknown_task_and_spec_key(tmp_path):
     bad = tmp_path/'s.toml'; bad.write_text('name = "x"\nmodle = "smollm2-135m"\n')
-    with pytest.raises(WorkbenchError, match="unknown spec key 'modle'; valid: name, model, task, methods"): study_from_spec(bad)
+    with pytest.raises(WorkbenchError, match="unknown spec key 'modle'; valid: name, model, dtype, device, splits, task, methods"): study_from_spec(bad)
     bad.write_text('[task]\nname = "rouge"\n')
     with pytest.raises(WorkbenchError, match="unknown task 'rouge'"): study_from_spec(bad)
     assert main(['run', str(bad)]) == 2

@@ -257,3 +257,13 @@ def test_probe_with_drop(vit):
     ref = task.reference(vit)
     with EViT(keep=0.25, layer=4).apply(vit): r = task.run(vit, ref)
     assert r['tokens_per_block'] == (4 * 65 + 8 * 17) / 12 and 0 <= r['probe_acc'] <= 1
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_vision_methods_in_16_bit(px, dtype):
+    "Each ViT token method runs in a 16-bit model: 16-bit outputs, finite, fewer tokens in the last block."
+    vit16, x = load('dinov2-s14', dtype=dtype), px.to(getattr(torch, dtype))
+    for method in (RandomPatchDrop(keep=0.25), EViT(keep=0.25, layer=3), HiRED(keep=0.1, layer=3), ToMe(r=4)):
+        out = forward(vit16, x, method)
+        assert out.dtype == getattr(torch, dtype) and torch.isfinite(out).all(), method
+        assert method.state.tokens[-1] < (x.shape[-1] // 14) ** 2 + 1, method # patches + CLS; ToMe unmerges its output
+    assert torch.isfinite(forward(vit16, x)).all() and vit16.slots == {}

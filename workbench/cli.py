@@ -14,9 +14,9 @@ from .models import cache_dir
 # %% auto #0
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'AVX2_SSE42', 'COMPILES', 'FLOOR',
            'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression', 'regress',
-           'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'calibrate', 'demo', 'bench_eval',
-           'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench',
-           'parser', 'main']
+           'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'calibrate', 'demo', 'plain_perplexity',
+           'bench_eval', 'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name', 'bench_call',
+           'run_bench', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -180,31 +180,41 @@ def demo(out:Path=Path('workbench-demo.html'), # the HTML report
     return table
 
 # %% ../nbs/09_cli.ipynb #0bb6ee3b
+def plain_perplexity(lm, ids:torch.Tensor, window:int) -> float: # ids: [T]
+    "Perplexity of `ids` in non-overlapping `window`-token windows by a plain transformers loop (the reference)."
+    import math, torch, torch.nn.functional as F
+    nll, n = 0., 0
+    with torch.no_grad():
+        for s in range(0, len(ids), window):
+            x = ids[s:s+window][None].to(lm.device); logits = lm.model(x).logits[0, :-1].float()
+            nll += F.cross_entropy(logits, x[0, 1:], reduction='sum').item(); n += x.shape[1] - 1
+    return math.exp(nll / n)
+
 def bench_eval(tokens:int=2048, # tokens of the `eval` split
                window:int=512, # tokens per perplexity window
-               repeats:int=3 # timed runs of each, alternating; the best counts
+               repeats:int=3, # timed runs of each, alternating
+               dtype:str='float32', # also time the model in this dtype ('bfloat16', 'float16'), beside float32
+               stat:str='min' # which of the `repeats` times counts: 'min' or 'median'
               ) -> pd.DataFrame:
-    "Best-of-`repeats` seconds of `Perplexity.run` and of a plain transformers loop, their ratio (target <= 1.10)."
-    import math, torch, torch.nn.functional as F
-    from workbench.models import load
+    "Seconds of `Perplexity.run` and of a plain loop, per dtype (a row each), and each dtype's speed-up on float32."
+    import torch
+    from workbench.models import load, as_dtype
     from workbench.tasks import Perplexity
     from workbench.data import split_ids
-    lm = load('smollm2-135m'); task = Perplexity(tokens=tokens, window=window)
-    ids = split_ids(lm.tokenizer, task.split, tokens)
-    @torch.no_grad()
-    def plain():
-        nll, n = 0., 0
-        for s in range(0, tokens, window):
-            x = ids[s:s+window][None]; logits = lm.model(x).logits[0, :-1]
-            nll += F.cross_entropy(logits, x[0, 1:], reduction='sum').item(); n += x.shape[1] - 1
-        return math.exp(nll / n)
-    ppl = {}
-    calls = {'workbench': lambda: ppl.update(workbench=task.run(lm)['ppl']), 'plain': lambda: ppl.update(plain=plain())}
-    best = best_times(calls, repeats, warmup=False)
-    row = dict(workbench_s=best['workbench'], plain_s=best['plain'], ratio=best['workbench'] / best['plain'],
-               workbench_ppl=ppl['workbench'], plain_ppl=ppl['plain'], tokens=tokens, window=window,
-               repeats=repeats, threads=torch.get_num_threads())
-    return pd.DataFrame([row])
+    names = list(dict.fromkeys(['float32', str(as_dtype(dtype))[6:]]))
+    lms = {d: load('smollm2-135m', dtype=d) for d in names}
+    task = Perplexity(tokens=tokens, window=window); ids = split_ids(lms['float32'].tokenizer, task.split, tokens)
+    ppl, calls = {}, {}
+    for d, lm in lms.items():
+        calls[d, 'workbench'] = lambda d=d, lm=lm: ppl.update({(d, 'workbench'): task.run(lm)['ppl']})
+        calls[d, 'plain'] = lambda d=d, lm=lm: ppl.update({(d, 'plain'): plain_perplexity(lm, ids, window)})
+    t = best_times(calls, repeats, warmup=False, stat=stat)
+    rows = [dict(dtype=d, workbench_s=t[d, 'workbench'], plain_s=t[d, 'plain'],
+                 ratio=t[d, 'workbench'] / t[d, 'plain'], speedup=t['float32', 'workbench'] / t[d, 'workbench'],
+                 workbench_ppl=ppl[d, 'workbench'], plain_ppl=ppl[d, 'plain'],
+                 ppl_change=ppl[d, 'workbench'] / ppl['float32', 'workbench'] - 1, tokens=tokens, window=window,
+                 repeats=repeats, stat=stat, threads=torch.get_num_threads()) for d in names]
+    return pd.DataFrame(rows)
 
 # %% ../nbs/09_cli.ipynb #c9b3e1a2
 BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:function'): options in, a DataFrame out
@@ -290,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser('demo', help='run the headline study and write an HTML report')
     d.add_argument('--out', default='workbench-demo.html'); d.add_argument('--tokens', type=int, default=2048)
     r = sub.add_parser('run', help='run a study from a TOML spec file'); r.add_argument('spec'); r.add_argument('--csv')
+    r.add_argument('--dtype', help="float32, bfloat16 or float16 (default: the spec's, else float32)")
+    r.add_argument('--device', help="where it runs: cpu, cuda, cuda:N (default: the spec's, else cpu)")
     g = sub.add_parser('regress', help='rerun regression notebooks and compare with their baselines')
     g.add_argument('names', nargs='*'); g.add_argument('--profile', default='full', choices=PROFILES)
     g.add_argument('--update-baseline', action='store_true',
@@ -325,7 +337,7 @@ def main(argv=None) -> int:
             print(f"\nreport: {a.out}  ({time.perf_counter() - t0:.0f} s)"); return 0
         if a.cmd == 'run':
             from workbench.study import study_from_spec
-            df = study_from_spec(a.spec).run(); _print(df)
+            df = study_from_spec(a.spec, dtype=a.dtype, device=a.device).run(); _print(df)
             if a.csv: df.to_csv(a.csv, index=False)
             return 0
         if a.cmd == 'regress':

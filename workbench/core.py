@@ -87,6 +87,11 @@ class LM:
     kind: str = 'causal' # 'causal', 'encoder' or 'vit'
     slots: dict = field(default_factory=dict) # slot name -> (method, value)
 
+    @property
+    def device(self): return next(self.model.parameters()).device # where the model computes
+    @property
+    def dtype(self): return next(p.dtype for p in self.model.parameters() if p.is_floating_point()) # its float dtype
+
     def take(self, slot:str, method, value) -> Callable[[], None]:
         "Give `slot` to `method` with `value`; return the function that gives it back."
         check_choice('slot', slot, SLOTS)
@@ -110,6 +115,7 @@ class Method:
     knobs: ClassVar[tuple] = ()
     simulated: ClassVar[bool] = False # True when the saving is masked or simulated, not real bytes
     abstract: ClassVar[bool] = False # True in the body of a base that methods build on (KVMethod, Evict, ...)
+    compute_dtype: ClassVar[str|None] = None # the dtype of the method's own arithmetic where it is not the model's
 
     @classmethod
     def runnable(cls) -> bool:
@@ -214,18 +220,20 @@ def threads(n:int): # torch threads inside the block
 
 def best_times(calls:dict, # name -> a function called with no arguments
                repeats:int=3, # timed calls of each; the fastest counts
-               warmup:bool=True # one untimed call of each first (compilation, caches)
+               warmup:bool=True, # one untimed call of each first (compilation, caches)
+               stat:str='min' # what counts of the `repeats` times: the fastest ('min') or the 'median'
               ) -> dict:
-    "Seconds of the fastest of `repeats` calls of each function, alternating between them so drift hits all alike."
-    import time
+    "Seconds of the fastest (or median) of `repeats` calls of each function, alternating so drift hits all alike."
+    import statistics, time
     if repeats < 1: raise WorkbenchError(f"repeats={repeats} must be at least 1")
+    pick = {'min': min, 'median': statistics.median}[check_choice('stat', stat, ['min', 'median'])]
     if warmup:
         for f in calls.values(): f()
     times = {k: [] for k in calls}
     for _ in range(repeats):
         for k, f in calls.items():
             t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
-    return {k: min(v) for k, v in times.items()}
+    return {k: pick(v) for k, v in times.items()}
 
 def best_time(f:Callable, repeats:int=3, warmup:bool=True) -> float: # as in `best_times`
     "Seconds of the fastest of `repeats` calls of `f`."

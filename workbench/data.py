@@ -11,8 +11,9 @@ import torch
 from .core import WorkbenchError, check_choice
 
 # %% auto #0
-__all__ = ['DATA', 'BOOKS', 'R_NAMES', 'SPLITS', 'COLOURS', 'book', 'rebuild_corpora', 'Split', 'split', 'split_ids', 'Needle',
-           'make_needle']
+__all__ = ['DATA', 'BOOKS', 'R_NAMES', 'TEXTS', 'DATASETS', 'SPLITS', 'USES', 'COLOURS', 'book', 'rebuild_corpora', 'Split',
+           'split', 'split_text', 'split_ids', 'text_key', 'registered_text', 'overlapping', 'register_split',
+           'dataset_text', 'register_dataset', 'Needle', 'make_needle']
 
 # %% ../nbs/02_data.ipynb #cca7d601
 DATA = Path(__file__).resolve().parent.parent/'data' if '__file__' in globals() else Path('../data').resolve()
@@ -44,32 +45,113 @@ def rebuild_corpora(extracted:Path, out:Path=None) -> dict:
 # %% ../nbs/02_data.ipynb #3277f8d9
 @dataclass(frozen=True)
 class Split:
-    "A fixed stretch of one book."
+    "A fixed stretch of one text: a book, or a text registered with `register_split`."
     name: str # split name
-    book: str # book key in BOOKS
+    book: str # book key in BOOKS, or the key of a registered text in TEXTS
     start: int # character offset
-    tokens: int|None # token count (None: decided by the task)
+    tokens: int|None # token count (None: decided by the task; perplexity then scores all of it)
     use: str # 'eval' or 'calib'
+    end: int|None = None # character offset where the split stops (None: the end of the text)
+
+TEXTS = {} # key -> a text registered by `register_split` (files are read once, and keyed by name and content)
+DATASETS = {'wikitext-2': ('wikitext', 'wikitext-2-raw-v1'), 'pg19': ('pg19', None)} # name -> datasets' path, config
 
 SPLITS = {s.name: s for s in [
     Split('eval', 'pride', 10_000, 2048, 'eval'), Split('eval-long', 'pride', 10_000, 8192, 'eval'),
     Split('needle', 'persuasion', 0, None, 'eval'), Split('encoder', 'emma', 0, None, 'eval'),
-    Split('calib', 'sense', 0, 8192, 'calib')]}
+    Split('calib', 'sense', 0, 8192, 'calib', 200_000)]} # 200,000 characters hold about 44,000 tokens
 
 def split(name:str) -> Split:
     "The split called `name`, or a clear error listing the splits."
+    if name in DATASETS and name not in SPLITS:
+        raise WorkbenchError(f"split {name!r} is a dataset: register it first with register_dataset({name!r})")
     return SPLITS[check_choice('split', name, list(SPLITS))]
+
+def split_text(name:str) -> str:
+    "The characters of split `name`: its text from `start` to `end`."
+    s = split(name)
+    return (TEXTS[s.book] if s.book in TEXTS else book(s.book))[s.start:s.end]
 
 # %% ../nbs/02_data.ipynb #6a872058
 def split_ids(tokenizer, name:str, tokens:int=None) -> torch.Tensor:
-    "The token ids of split `name` (1-D, no special tokens), `tokens` long (default: the split's count)."
-    s = split(name); n = tokens or s.tokens
-    if n is None: raise WorkbenchError(f"split {name!r} has no fixed token count; pass tokens=")
-    text = book(s.book)[s.start:]
+    "The token ids of split `name` (1-D, no special tokens), `tokens` long (default: the split's count, else all)."
+    n, text = tokens or split(name).tokens, split_text(name)
+    if n is None: return tokenizer(text, add_special_tokens=False, return_tensors='pt').input_ids[0]
     ids = tokenizer(text[:n*8], add_special_tokens=False, return_tensors='pt').input_ids[0]
     if len(ids) < n: ids = tokenizer(text, add_special_tokens=False, return_tensors='pt').input_ids[0]
     if len(ids) < n: raise WorkbenchError(f"split {name!r} has only {len(ids)} tokens; asked for {n}")
     return ids[:n]
+
+# %% ../nbs/02_data.ipynb #85875ea4
+USES = ('eval', 'calib')
+
+def text_key(text_or_path) -> tuple:
+    "(key, text) of a book key, a file (key: its name and SHA-256 prefix) or a string (key: 'text#' and the prefix)."
+    if text_or_path in BOOKS: return text_or_path, book(text_or_path)
+    p = Path(text_or_path) if isinstance(text_or_path, Path) or len(text_or_path) < 256 else None # a path, or text
+    if p is not None and p.is_file():
+        text = p.read_text(encoding='utf-8')
+        return f"{p.name}#{hashlib.sha256(text.encode()).hexdigest()[:8]}", text
+    if isinstance(text_or_path, Path) or (len(text_or_path) < 256 and re.search(r'[/\\]|\.\w{1,4}$', text_or_path)):
+        raise WorkbenchError(f"no file {str(text_or_path)!r}; give a book key ({', '.join(BOOKS)}), a file or a text")
+    return f"text#{hashlib.sha256(text_or_path.encode()).hexdigest()[:8]}", text_or_path
+
+def registered_text(key:str) -> str:
+    "The whole text behind a split's `book`: a registered text or a book."
+    return TEXTS[key] if key in TEXTS else book(key)
+
+def overlapping(s:Split, other:Split) -> bool:
+    "Whether splits `s` and `other` share a character of the same text (compared by content, not by name)."
+    if s.book != other.book and registered_text(s.book) != registered_text(other.book): return False
+    n = len(registered_text(s.book))
+    return max(s.start, other.start) < min(s.end or n, other.end or n)
+
+def register_split(name:str, # the new split's name
+                   text_or_path, # a book key, a file, or the text itself
+                   start:int=0, # first character
+                   end:int=None, # character where it stops (None: the end)
+                   tokens:int=None, # token count (None: decided by the task, or all)
+                   use:str='eval') -> Split: # 'eval' or 'calib'
+    "Register a split of any text; refuse a clash of names, or evaluation text shared with calibration text."
+    check_choice('use', use, USES)
+    key, text = text_key(text_or_path)
+    if key not in BOOKS: TEXTS[key] = text # kept even if refused below: a text, not a split
+    if not 0 <= start < (end if end is not None else len(text)) <= len(text):
+        raise WorkbenchError(f"start={start}, end={end} must satisfy 0 <= start < end <= {len(text)} (its length)")
+    if tokens is not None and tokens < 1: raise WorkbenchError(f"tokens={tokens} must be at least 1")
+    s = Split(name, key, start, tokens, use, end)
+    if SPLITS.get(name, s) != s: raise WorkbenchError(f"split {name!r} exists with another definition: {SPLITS[name]}")
+    for o in SPLITS.values():
+        if o.use != use and o.name != name and overlapping(s, o):
+            raise WorkbenchError(f"split {name!r} ({use}, characters {start}-{end or len(text)} of {key}) overlaps the "
+                                 f"{o.use} split {o.name!r} (characters {o.start}-{o.end or len(text)}); evaluation "
+                                 "text must never be calibration text: choose start/end outside that range")
+    SPLITS[name] = s
+    return s
+
+# %% ../nbs/02_data.ipynb #079cbd82
+def dataset_text(name:str, # 'wikitext-2' or 'pg19'
+                 source=None) -> str: # a local copy; None: the `datasets` library, offline
+    "The evaluation text of dataset `name` by the papers' protocol: wikitext-2's test rows joined by blank lines."
+    check_choice('dataset', name, list(DATASETS))
+    if source is not None:
+        text = Path(source).read_text(encoding='utf-8')
+        rows = [r if r.strip() else '' for r in text.splitlines(keepends=True)] # as the library's builder reads it
+        return '\n\n'.join(rows) if name == 'wikitext-2' else text
+    try: import datasets
+    except ImportError:
+        raise WorkbenchError(f"{name} needs the Hugging Face datasets library and its data: pip install datasets, "
+                             f"with {DATASETS[name][0]!r} in its cache (offline), or a local copy: "
+                             f"register_dataset({name!r}, source='wiki.test.raw' or a PG-19 book .txt)") from None
+    try: rows = datasets.load_dataset(*DATASETS[name], split='test')['text']
+    except Exception as e:
+        raise WorkbenchError(f"{name} is not in the datasets cache and this machine is offline ({type(e).__name__}); "
+                             f"fill the cache where a network is, or pass source= a local copy") from None
+    return '\n\n'.join(rows) if name == 'wikitext-2' else rows[0]
+
+def register_dataset(name:str, source=None) -> Split:
+    "Register dataset `name` ('wikitext-2', 'pg19') as an evaluation split of that name (see `dataset_text`)."
+    return register_split(name, dataset_text(name, source), use='eval')
 
 # %% ../nbs/02_data.ipynb #2b07eeeb
 COLOURS = ('red', 'blue', 'green', 'yellow', 'white', 'black', 'silver', 'golden')
@@ -94,7 +176,8 @@ def _question_text(colour=None):
     return f"\n\nQuestion: What is {what}? Answer: The {what[4:]} is"
 
 # %% ../nbs/02_data.ipynb #ec0de91e
-def make_needle(tokenizer, length:int, depth:float=0.5, keys:int=1, seed:int=0, book_name='persuasion') -> Needle:
+def make_needle(tokenizer, length:int, depth:float=0.5, keys:int=1, seed:int=0,
+                haystack:str='needle') -> Needle: # the split whose text hides the needles
     "A needle trial of `length` context tokens with `keys` needles, the asked one at relative `depth`."
     if not 0 <= depth <= 1: raise WorkbenchError(f"depth={depth} must be in [0, 1]")
     if not 1 <= keys <= len(COLOURS): raise WorkbenchError(f"keys={keys} must be in [1, {len(COLOURS)}]")
@@ -107,7 +190,7 @@ def make_needle(tokenizer, length:int, depth:float=0.5, keys:int=1, seed:int=0, 
     if room < 64:
         raise WorkbenchError(f"length={length} is too short for {keys} needle(s); use at least {length - room + 64}")
 
-    text = book(book_name); start = rng.randrange(0, len(text) - room*8)
+    text = split_text(haystack); start = rng.randrange(0, max(1, len(text) - room*8))
     start = text.find('\n\n', start) + 2 # begin at a paragraph
     hay = enc(text[start:start + room*8])[:room]
     if len(hay) < room: raise WorkbenchError(f"length={length} exceeds the book's text from offset {start}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-from .models import facts
+from .models import facts, value_bytes
 
 # %% auto #0
 __all__ = ['unique_tensors', 'plain_tensors', 'storage_bytes', 'weight_tensors', 'weight_bytes', 'held_tensors', 'cache_bytes',
@@ -63,10 +63,12 @@ def cache_bytes(cache) -> int:
     return storage_bytes(held_tensors(cache))
 
 # %% ../nbs/03_ledger.ipynb #41a99fde
-def kv_bytes_theory(model, n_tokens:int, bytes_per_value=4, batch=1) -> int:
+def kv_bytes_theory(model, n_tokens:int,
+                    bytes_per_value:int=None, # default: the model's dtype (4 in float32, 2 in bfloat16)
+                    batch=1) -> int:
     "Theoretical bytes of a full-precision KV cache after `n_tokens` (a sliding layer keeps its last window-1 tokens)."
     f = facts(model)
-    per_token = 2 * f['kv_heads'] * f['head_dim'] * bytes_per_value * batch
+    per_token = 2 * f['kv_heads'] * f['head_dim'] * (bytes_per_value or value_bytes(model)) * batch
     return sum(per_token * (n_tokens if w is None else min(n_tokens, w - 1)) for w in f['windows'])
 
 # %% ../nbs/03_ledger.ipynb #29a093c7

@@ -14,11 +14,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .core import LM, Knob, Method, WorkbenchError
-from .models import window_pattern
+from .models import value_bytes, window_pattern
 from .ledger import weight_bytes, cache_bytes, kv_bytes_theory
 
 # %% auto #0
-__all__ = ['STASH', 'CastLinear', 'swap_modules', 'decoder_linears', 'HalfWeights', 'new_cache', 'HalfLayer',
+__all__ = ['STASH', 'CastLinear', 'swap_modules', 'decoder_linears', 'float32_only', 'HalfWeights', 'new_cache', 'HalfLayer',
            'full_attention_only', 'HalfKV', 'RandomDrop', 'attention_configs', 'workbench_attention', 'use_attention',
            'entered', 'sdpa', 'queries', 'keys', 'causal_offsets', 'LocalWindow']
 
@@ -48,16 +48,23 @@ def decoder_linears(name, mod):
     return isinstance(mod, nn.Linear) and '.layers.' in f'.{name}.'
 
 # %% ../nbs/04_methods.ipynb #7d5cfe85
+def float32_only(lm:LM, who:str):
+    "Refuse, naming `who`, a model that is not float32: halving a 16-bit model's storage saves nothing."
+    if lm.dtype != torch.float32:
+        raise WorkbenchError(f"{who} halves float32 storage; {lm.name} is {str(lm.dtype)[6:]} already; "
+                             "valid: a float32 model (load(name, dtype='float32'))")
+
 class HalfWeights(Method):
     "Decoder Linear weights stored in float16 or bfloat16, computed in fp32."
     family = 'quant'
     knobs = (Knob('dtype', 'float16', choices=('float16', 'bfloat16'), doc='storage dtype of Linear weights'),)
     def install(self, lm):
+        float32_only(lm, 'HalfWeights')
         return swap_modules(lm.model, lambda m: CastLinear(m, getattr(torch, self.dtype)), decoder_linears)
 
     def theory(self, lm, base):
         n = sum(m.weight.numel() for n_, m in lm.model.named_modules() if decoder_linears(n_, m))
-        return {**base, 'weights': base['weights'] - 2 * n}
+        return {**base, 'weights': base['weights'] - (value_bytes(lm) - 2) * n} # 16-bit storage of each value
 
 # %% ../nbs/04_methods.ipynb #c5d4dd1c
 def new_cache(lm:LM) -> Cache:
@@ -86,7 +93,7 @@ class HalfKV(Method):
     family = 'kv'
     knobs = (Knob('dtype', 'float16', choices=('float16', 'bfloat16'), doc='storage dtype of keys and values'),)
     def install(self, lm):
-        full_attention_only(lm, 'HalfKV')
+        full_attention_only(lm, 'HalfKV'); float32_only(lm, 'HalfKV')
         n = lm.model.config.num_hidden_layers
         dtype = getattr(torch, self.dtype)
         return lm.take('cache', self, lambda lm: Cache(layers=[HalfLayer(dtype) for _ in range(n)]))

@@ -11,9 +11,9 @@ import torch
 from .core import LM, WorkbenchError, check_choice
 
 # %% auto #0
-__all__ = ['REGISTRY', 'ModelSpec', 'model_spec', 'package_dir', 'weights_path', 'install', 'available', 'cache_dir',
-           'file_sha256', 'gguf_cached', 'kind_of', 'load_folder', 'load', 'tiny_config', 'tiny_lm', 'window_pattern',
-           'facts']
+__all__ = ['REGISTRY', 'DTYPES', 'ModelSpec', 'model_spec', 'package_dir', 'weights_path', 'install', 'available', 'cache_dir',
+           'file_sha256', 'gguf_cached', 'as_dtype', 'as_device', 'model_bytes', 'available_bytes', 'check_fits',
+           'kind_of', 'load_folder', 'load', 'tiny_config', 'tiny_lm', 'window_pattern', 'value_bytes', 'facts']
 
 # %% ../nbs/01_models.ipynb #463ec100
 @dataclass(frozen=True)
@@ -115,6 +115,49 @@ def gguf_cached(path) -> Path:
 
     return d
 
+# %% ../nbs/01_models.ipynb #ce890b8e
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+def as_dtype(dtype) -> torch.dtype:
+    "The torch dtype named `dtype` ('float32', 'bfloat16' or 'float16'; a torch dtype passes through)."
+    return getattr(torch, check_choice('dtype', str(dtype).replace('torch.', ''), DTYPES))
+
+def as_device(device) -> torch.device:
+    "`device` ('cpu', 'cuda', 'cuda:N') as a torch device, or a clear error when it is not here."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): d = None
+    if d is None or d.type not in ('cpu', 'cuda'):
+        raise WorkbenchError(f"device={device!r} is not supported; valid: 'cpu', 'cuda', 'cuda:N'")
+    if d.type == 'cuda' and (d.index or 0) >= torch.cuda.device_count():
+        raise WorkbenchError(f"device={device!r} is not available: torch {torch.__version__} sees "
+                             f"{torch.cuda.device_count()} CUDA device(s); use device='cpu'")
+    return d
+
+def model_bytes(config, # a transformers config
+                dtype='float32') -> int:
+    "Bytes of the weights of a model of `config` in `dtype`, counted on the `meta` device (nothing allocated)."
+    from transformers import AutoModel, AutoModelForCausalLM
+    auto = AutoModelForCausalLM if kind_of(config) == 'causal' else AutoModel
+    with torch.device('meta'): model = auto.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * as_dtype(dtype).itemsize # tied weights once
+
+def available_bytes(device='cpu') -> int:
+    "Memory free for weights on `device`: the host's MemAvailable on the CPU, the GPU's free memory on CUDA."
+    d = as_device(device)
+    if d.type == 'cuda': return torch.cuda.mem_get_info(d)[0]
+    info = Path('/proc/meminfo')
+    for line in (info.read_text().splitlines() if info.exists() else []):
+        if line.startswith('MemAvailable:'): return int(line.split()[1]) * 1024
+    return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+def check_fits(config, dtype, device, name:str='model'):
+    "A clear error, before anything is allocated, when the weights of `config` in `dtype` cannot fit on `device`."
+    need, free = model_bytes(config, dtype), available_bytes(device)
+    if need > free:
+        raise WorkbenchError(f"{name} needs {need / 2**30:.1f} GiB for its weights in {as_dtype(dtype)} but "
+                             f"{as_device(device)} has {free / 2**30:.1f} GiB available; use a 16-bit dtype "
+                             "(dtype='bfloat16') or a device with more memory")
+
 # %% ../nbs/01_models.ipynb #0feedfa3
 def kind_of(config) -> str:
     "'causal', 'vit' or 'encoder', from a transformers config."
@@ -123,31 +166,36 @@ def kind_of(config) -> str:
     if config.model_type in ('dinov2', 'vit'): return 'vit'
     return 'encoder'
 
-def load_folder(folder, name=None, dtype=torch.float32) -> LM:
-    "Load a local HF folder offline as an `LM` of the right kind."
+def load_folder(folder, name=None, dtype=torch.float32, device='cpu') -> LM:
+    "Load a local HF folder offline as an `LM` of the right kind, in `dtype` on `device`."
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     folder = Path(folder)
     if not (folder/'config.json').exists():
         raise WorkbenchError(f"{str(folder)!r} has no config.json; a model is a registry name "
                              f"({', '.join(REGISTRY)}), a local HF folder or a .gguf file")
 
-    kind = kind_of(AutoConfig.from_pretrained(folder))
-    model = (AutoModelForCausalLM if kind == 'causal' else AutoModel).from_pretrained(folder, dtype=dtype).eval()
+    config = AutoConfig.from_pretrained(folder); kind = kind_of(config)
+    check_fits(config, dtype, device, name or folder.name)
+    auto = AutoModelForCausalLM if kind == 'causal' else AutoModel
+    model = auto.from_pretrained(folder, dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(folder) if kind != 'vit' else None
     return LM(model=model, tokenizer=tok, name=name or folder.name, kind=kind)
 
-def load(name:str, dtype=torch.float32) -> LM:
-    "Load a registered model, a local HF folder or a `.gguf` file, offline."
+def load(name:str, # a registry name, a local HF folder or a .gguf file
+         dtype='float32', # 'float32', 'bfloat16' or 'float16' (or a torch dtype)
+         device='cpu') -> LM: # 'cpu', 'cuda', 'cuda:1', ...
+    "Load a registered model, a local HF folder or a `.gguf` file, offline, in `dtype` on `device`."
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    dtype, device = as_dtype(dtype), as_device(device)
     if name in REGISTRY:
         spec = REGISTRY[name]; w = weights_path(spec)
         if spec.kind == 'vit':
             from workbench.encoders import load_dinov2
-            return LM(model=load_dinov2(w), name=name, kind='vit')
-        return load_folder(gguf_cached(w) if w.suffix == '.gguf' else w, name=name, dtype=dtype)
+            return LM(model=load_dinov2(w).to(device, dtype), name=name, kind='vit')
+        return load_folder(gguf_cached(w) if w.suffix == '.gguf' else w, name=name, dtype=dtype, device=device)
     p = Path(name)
-    if p.suffix == '.gguf' and p.exists(): return load_folder(gguf_cached(p), name=p.name, dtype=dtype)
-    if p.is_dir(): return load_folder(p, dtype=dtype)
+    if p.suffix == '.gguf' and p.exists(): return load_folder(gguf_cached(p), name=p.name, dtype=dtype, device=device)
+    if p.is_dir(): return load_folder(p, dtype=dtype, device=device)
     model_spec(name) # raises the clear error listing what is valid
 
 # %% ../nbs/01_models.ipynb #50bfcf2e
@@ -168,14 +216,14 @@ def tiny_config(arch:str, vocab=512, hidden=64, layers=4, heads=4, kv_heads=2):
     }
     return make[check_choice('tiny architecture', arch, list(make))]()
 
-def tiny_lm(arch:str, seed=0, **kw) -> LM:
-    "A tiny random-weight `LM` of `arch` (no tokenizer)."
+def tiny_lm(arch:str, seed=0, dtype='float32', device='cpu', **kw) -> LM:
+    "A tiny random-weight `LM` of `arch` (no tokenizer), initialized in float32, then moved to `dtype` and `device`."
     from transformers import AutoModel, AutoModelForCausalLM
     cfg = tiny_config(arch, **kw); torch.manual_seed(seed)
     kind = 'encoder' if arch == 'bert' else 'causal'
     cfg._attn_implementation = 'sdpa'
     model = (AutoModel if kind == 'encoder' else AutoModelForCausalLM).from_config(cfg).eval()
-    return LM(model=model, name=f'tiny-{arch}', kind=kind)
+    return LM(model=model.to(as_device(device), as_dtype(dtype)), name=f'tiny-{arch}', kind=kind)
 
 # %% ../nbs/01_models.ipynb #ef207aae
 def window_pattern(cfg) -> list:
@@ -184,6 +232,11 @@ def window_pattern(cfg) -> list:
     types = getattr(cfg, 'layer_types', None)
     if types: return [sw if t == 'sliding_attention' else None for t in types]
     return [sw if sw and getattr(cfg, 'use_sliding_window', True) else None] * n
+
+def value_bytes(model) -> int:
+    "Bytes per value of a model's (or `LM`'s) floating weights: 4 in float32, 2 in bfloat16 or float16."
+    model = model.model if isinstance(model, LM) else model
+    return next(p for p in model.parameters() if p.is_floating_point()).element_size()
 
 def facts(model) -> dict:
     "Layers, query/KV heads, head_dim, window pattern, parameters and bytes of a model or `LM`."

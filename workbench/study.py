@@ -14,8 +14,9 @@ from .models import load, facts, cache_dir
 from .ledger import weight_bytes, ledger_row
 
 # %% auto #0
-__all__ = ['STUDY_MODULES', 'SPEC_KEYS', 'grid', 'versions', 'as_stack', 'theory', 'run_one', 'Study', 'import_studies',
-           'method_registry', 'task_registry', 'study_from_spec', 'family_grid']
+__all__ = ['STUDY_MODULES', 'SPEC_KEYS', 'SPLIT_KEYS', 'grid', 'versions', 'as_stack', 'theory', 'run_one', 'Study',
+           'import_studies', 'method_registry', 'task_registry', 'spec_split', 'study_from_spec', 'family_grid',
+           'compute_dtypes']
 
 # %% ../nbs/08_study.ipynb #b6681e9f
 def grid(method_cls, **values) -> list:
@@ -67,17 +68,20 @@ class Study:
                  methods:list, # methods (or lists of methods to stack); None is the baseline, always run first
                  task:Task, # what quality means
                  name:str='study', # folder name of the cached rows
-                 root:Path=None): # where studies are cached (default: cache_dir()/'studies')
-        self.lm = model if isinstance(model, LM) else load(model)
+                 root:Path=None, # where studies are cached (default: cache_dir()/'studies')
+                 dtype='float32', # the dtype to load `model` in, when it is a name or a path
+                 device='cpu'): # the device to load `model` on, when it is a name or a path
+        self.lm = model if isinstance(model, LM) else load(model, dtype=dtype, device=device)
         self.methods = [None] + [m for m in methods if m is not None]
         self.task, self.name = task, name
         self.dir = Path(root or cache_dir()/'studies')/name
         self.computed = 0 # rows computed (not read from disk) by the last run
 
     def config(self, method) -> dict:
-        "Everything that determines a row."
+        "Everything that determines a row (dtype and device when they are not float32 on the CPU)."
+        where = dict(dtype=str(self.lm.dtype)[6:], device=self.lm.device.type)
         return dict(model=self.lm.name, method=as_stack(method).config(), task=self.task.describe(),
-                    workbench=workbench.__version__)
+                    workbench=workbench.__version__, **{k: v for k, v in where.items() if v not in ('float32', 'cpu')})
 
     def _read(self, path:Path, key:str):
         "A cached row, or None when it is missing or corrupted (corruption is reported)."
@@ -106,6 +110,7 @@ class Study:
                 stack_ = as_stack(m)
                 families = '+'.join(dict.fromkeys(x.family for x in stack_.methods)) or 'baseline'
                 row = dict(model=self.lm.name, method=stack_.name, family=families,
+                           model_dtype=str(self.lm.dtype)[6:], device=self.lm.device.type, # `dtype` is a knob's
 
                            **{k: v for x in stack_.methods for k, v in x.values.items()},
                            **run_one(self.lm, m, self.task, ref, base), task=self.task.name,
@@ -150,12 +155,30 @@ def task_registry() -> dict:
     return found
 
 # %% ../nbs/08_study.ipynb #2b3385cf
-SPEC_KEYS = ('name', 'model', 'task', 'methods')
+SPEC_KEYS = ('name', 'model', 'dtype', 'device', 'splits', 'task', 'methods')
+SPLIT_KEYS = ('name', 'file', 'text', 'book', 'dataset', 'source', 'start', 'end', 'tokens', 'use')
 
-def study_from_spec(spec:dict|str|Path, root=None) -> Study:
+def spec_split(entry:dict, folder:Path):
+    "Register one `[[splits]]` entry: `file` (relative to the spec's folder), `text` or `book`; or a `dataset`."
+    from workbench.data import register_split, register_dataset
+    for k in entry: check_choice('split key', k, SPLIT_KEYS)
+    e = dict(entry)
+    if 'dataset' in e:
+        src = e.pop('source', None)
+        return register_dataset(e.pop('dataset'), None if src is None else folder/src)
+    given = [k for k in ('file', 'text', 'book') if k in e]
+    if len(given) != 1: raise WorkbenchError(f"split {e.get('name')!r} needs one of file, text, book; got {given}")
+    what = e.pop(given[0])
+    return register_split(text_or_path=folder/what if given[0] == 'file' else what, **e)
+
+def study_from_spec(spec:dict|str|Path, root=None,
+                    dtype:str=None, device:str=None) -> Study: # override the spec's dtype and device
     "A `Study` from a spec dict or TOML file; unknown keys, names or knobs raise clear errors."
+    folder = Path('.') if isinstance(spec, dict) else Path(spec).parent
     if not isinstance(spec, dict): spec = tomllib.loads(Path(spec).read_text())
     for k in spec: check_choice('spec key', k, SPEC_KEYS)
+    spec = {**spec, **{k: v for k, v in dict(dtype=dtype, device=device).items() if v is not None}}
+    for entry in spec.get('splits', []): spec_split(entry, folder)
     task_spec = dict(spec.get('task', {'name': 'perplexity'}))
     tasks, methods = task_registry(), method_registry()
     task_cls = tasks[check_choice('task', task_spec.pop('name', 'perplexity'), list(tasks))]
@@ -165,7 +188,8 @@ def study_from_spec(spec:dict|str|Path, root=None) -> Study:
     for ms in spec.get('methods', []):
         ms = dict(ms); cls = methods[check_choice('method', ms.pop('name', None), list(methods))]
         chosen += grid(cls, **{k: v if isinstance(v, list) else [v] for k, v in ms.items()})
-    return Study(spec.get('model', 'smollm2-135m'), chosen, task, name=spec.get('name', 'study'), root=root)
+    return Study(spec.get('model', 'smollm2-135m'), chosen, task, name=spec.get('name', 'study'), root=root,
+                 dtype=spec.get('dtype', 'float32'), device=spec.get('device', 'cpu'))
 
 # %% ../nbs/08_study.ipynb #0872a4de
 def family_grid(family:str, # 'quant', 'kv', 'tokens' or 'sparse'
@@ -178,3 +202,9 @@ def family_grid(family:str, # 'quant', 'kv', 'tokens' or 'sparse'
         own = {k: v for k, v in values.items() if k in {x.name for x in cls.knobs}}
         out += [cls(**dict(zip(own, combo))) for combo in itertools.product(*own.values())]
     return out
+
+# %% ../nbs/08_study.ipynb #f6c824c0
+def compute_dtypes() -> pd.DataFrame:
+    "Each registered method whose own arithmetic runs in a dtype other than the model's, with that dtype."
+    return pd.DataFrame([dict(method=n, family=c.family, compute_dtype=c.compute_dtype)
+                         for n, c in method_registry().items() if c.compute_dtype])

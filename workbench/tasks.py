@@ -22,7 +22,7 @@ def forward_cached(lm:LM, # the model, with its active methods
                    chunk:int=None, # tokens per forward pass (default: all T at once)
                    cache=None): # the KV cache to extend (default: a new one from `new_cache(lm)`)
     "Logits [1, T, vocab] of `ids` fed in chunks through `cache`; returns (logits, cache, peak bytes)."
-    cache = new_cache(lm) if cache is None else cache
+    cache, ids = new_cache(lm) if cache is None else cache, ids.to(lm.device)
     step, outs, peak = chunk or ids.shape[1], [], 0
     for s in range(0, ids.shape[1], step):
         outs.append(lm.model(ids[:, s:s+step], past_key_values=cache, use_cache=True).logits)
@@ -58,39 +58,40 @@ class Perplexity(Task):
                  stride:int=None, # None: non-overlapping windows; else score the last `stride` tokens of each window
                  tokens:int=None, # tokens of the split to use (default: the split's)
                  bos:bool=False, # prepend the tokenizer's BOS token to each window
-                 chunk:int=None): # feed each window in chunks of this many tokens (1: token-by-token decoding)
+                 chunk:int=None, # feed each window in chunks of this many tokens (1: token-by-token decoding)
+                 partial:bool=True): # score a last window shorter than `window` (False: drop it, as GPTQ's protocol)
         if window < 2: raise WorkbenchError(f"window={window} must be at least 2")
         if stride is not None and not 0 < stride <= window:
             raise WorkbenchError(f"stride={stride} must be in [1, window={window}]")
         if chunk is not None and chunk < 1: raise WorkbenchError(f"chunk={chunk} must be a positive number of tokens")
         self.split, self.window, self.stride, self.tokens = split, window, stride, tokens
-        self.bos, self.chunk = bos, chunk
-        split_def = globals()['split'](split)
-        self.n = tokens or split_def.tokens
-        if self.n is None or self.n < window:
+        self.bos, self.chunk, self.partial = bos, chunk, partial
+        self.n = tokens or globals()['split'](split).tokens # None: all the split's tokens
+        if self.n is not None and self.n < window:
             raise WorkbenchError(f"split {split!r} with tokens={tokens} is shorter than window={window}")
 
     def describe(self):
         s = split(self.split)
-        return dict(task=self.name, split=self.split, book=s.book, start_char=s.start, tokens=self.n,
+        more = {k: v for k, v in dict(end_char=s.end, partial=self.partial).items() if v not in (None, True)}
+        return dict(task=self.name, split=self.split, book=s.book, start_char=s.start, tokens=self.n, **more,
                     window=self.window, stride=self.stride, bos=self.bos, chunk=self.chunk, seed=None,
                     metrics='ppl=exp(mean next-token NLL over scored tokens); kl=mean KL(baseline||method) nats/token; '
                             'top1=fraction of scored positions whose argmax equals the baseline argmax')
 
-    def windows(self):
+    def windows(self, n:int=None): # tokens of the split (default: the task's `tokens`)
         "(start, end, first scored position within the window) for each window."
-        w, s = self.window, self.stride or self.window
+        w, s, n = self.window, self.stride or self.window, n or self.n
         out = []
-        for start in range(0, self.n - w + 1 if self.stride else self.n, s):
-            end = min(start + w, self.n)
+        for start in range(0, n - w + 1 if self.stride or not self.partial else n, s):
+            end = min(start + w, n)
             if end - start < 2: break
             out.append((start, end, 0 if start == 0 or not self.stride else w - s))
         return out
 
     def _scored(self, lm, ids, start, end, first):
         "Log-probabilities of the scored positions of one window, their targets, and the cache peak."
-        x = ids[start:end]
-        if self.bos: x = torch.cat([torch.tensor([lm.tokenizer.bos_token_id]), x])
+        x = ids[start:end].to(lm.device)
+        if self.bos: x = torch.cat([torch.tensor([lm.tokenizer.bos_token_id], device=x.device), x])
         off = int(self.bos)
         logits, _, peak = forward_cached(lm, x[None], self.chunk)
         t0 = off + max(first, 1) # first scored target; it is predicted by the logits one position earlier
@@ -100,12 +101,12 @@ class Perplexity(Task):
 
     def reference(self, lm):
         ids = self._ids(lm)
-        return [self._scored(lm, ids, *w)[0] for w in self.windows()]
+        return [self._scored(lm, ids, *w)[0] for w in self.windows(len(ids))]
 
     def run(self, lm, ref=None):
         self.check(lm); no_dropped_tokens(lm)
         ids = self._ids(lm)
-        return perplexity_metrics((self._scored(lm, ids, *w) for w in self.windows()), ref)
+        return perplexity_metrics((self._scored(lm, ids, *w) for w in self.windows(len(ids))), ref)
 
 # %% ../nbs/05_tasks.ipynb #8a1fcf42
 @torch.no_grad()
@@ -121,7 +122,7 @@ def greedy(lm:LM, # the model, with its active methods
         last = logits[0, -1]
         nxt = allowed[last[allowed].argmax().item()] if allowed else last.argmax().item()
         out.append(nxt)
-        logits = lm.model(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits
+        logits = lm.model(torch.tensor([[nxt]], device=lm.device), past_key_values=cache, use_cache=True).logits
     return out
 
 def digit_ids(tokenizer # the model's tokenizer
@@ -149,14 +150,15 @@ class NeedleTask(Task):
                  seed:int=0, # base seed
                  chunk:int=None, # prefill the context in chunks of this many tokens
                  digits_only:bool=True, # decode the answer constrained to digit tokens (see above)
-                 question_chunk:int=None): # feed the question in chunks of this many tokens (1: each a decoding step)
+                 question_chunk:int=None, # feed the question in chunks of this many tokens (1: each a decoding step)
+                 haystack:str='needle'): # the split whose text hides the needles
         if trials < 1: raise WorkbenchError(f"trials={trials} must be at least 1")
         self.lengths, self.trials, self.keys, self.seed = tuple(lengths), trials, keys, seed
         self.chunk, self.digits_only = chunk, digits_only
-        self.question_chunk = question_chunk
+        self.question_chunk, self.haystack = question_chunk, split(haystack).name
 
     def describe(self):
-        return dict(task=self.name, split='needle', book=split('needle').book, lengths=list(self.lengths),
+        return dict(task=self.name, split=self.haystack, book=split(self.haystack).book, lengths=list(self.lengths),
                     trials=self.trials, keys=self.keys, seed=self.seed, chunk=self.chunk,
                     digits_only=self.digits_only, question_chunk=self.question_chunk,
                     metrics=('needle_acc_L = fraction of trials at length L whose 5 digit-constrained greedy tokens '
@@ -171,7 +173,7 @@ class NeedleTask(Task):
              ) -> dict:
         "Run one trial; return found, depth, answer and the bytes held."
         n = make_needle(lm.tokenizer, length, depth=i / max(1, self.trials - 1), keys=self.keys,
-                        seed=self.seed * 1000 + i)
+                        seed=self.seed * 1000 + i, haystack=self.haystack)
         keep = lm.slot('tokens')
         ctx = keep(n.context) if keep else n.context
         _, cache, peak = forward_cached(lm, ctx[None], self.chunk)

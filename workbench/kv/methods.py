@@ -12,7 +12,7 @@ import torch, torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from ..core import LM, Knob, Method, WorkbenchError
-from ..models import facts
+from ..models import facts, value_bytes
 from ..ledger import cache_bytes
 from ..packing import pack, unpack, affine_quantize, affine_dequantize
 from ..methods import queries # the rotary queries of one attention module (chapter 04)
@@ -330,12 +330,13 @@ def _check_group(lm, group):
         raise WorkbenchError(f"group={group} must divide head_dim={d} of {lm.name}; valid: {valid}")
 
 def _kv_per_token(lm) -> int:
-    "Full-precision KV bytes per token over all layers (fp32 or the model's dtype)."
-    f, bits = facts(lm), torch.finfo(next(lm.model.parameters()).dtype).bits
-    return 2 * f['kv_heads'] * f['head_dim'] * f['layers'] * bits // 8
+    "Full-precision KV bytes per token over all layers, in the model's dtype."
+    f = facts(lm)
+    return 2 * f['kv_heads'] * f['head_dim'] * f['layers'] * value_bytes(lm)
 
 class KIVI(KVMethod):
     "KIVI: keys per channel, values per token, in 2/4/8-bit groups, stored packed; the newest tokens in full precision."
+    compute_dtype = 'float32' # group scales and codes are computed in float32
     knobs = (Knob('bits', 2, choices=BITS, grid=(2, 4), doc='bits per key and value code'),
              Knob('group', 32, low=1, high=1024, grid=(32,),
                   doc='tokens per key group (per channel); channels per value group'),
@@ -348,7 +349,7 @@ class KIVI(KVMethod):
         super().check_model(lm); _check_group(lm, self.group)
     def theory(self, lm, base):
         "The packed format for every token: codes plus fp16 scale and zero per group (no residual, no bookkeeping)."
-        full = torch.finfo(next(lm.model.parameters()).dtype).bits / 8
+        full = value_bytes(lm)
         per_value = self.bits / 8 + 2 * 2 / self.group # code + (scale, zero) shared by a group
         return {**base, 'kv': round(base['kv'] * per_value / full)}
 
@@ -365,6 +366,7 @@ RECENT = Knob('recent', 0.5, low=0.0, high=1.0, doc='fraction of the budget kept
 # %% ../../nbs/kv/20_kv.ipynb #7f9dc102
 class Evict(KVMethod):
     "Base of eviction policies: a budget, its allocation over layers, `sinks` and a recent `window`; a policy scores."
+    compute_dtype = 'float64' # scores are ranked in float64 (attention scores in float32)
     abstract = True # a base: its subclasses are the methods
     role = 'evict'
     deferred: ClassVar[bool] = False # evict at the next forward, with its queries, keeping its tokens
@@ -605,6 +607,7 @@ class ThinKStore(Store):
 # %% ../../nbs/kv/20_kv.ipynb #b9963229
 class ThinK(KVMethod):
     "ThinK: older keys stored with only the key channels that matter most to the observation window's queries."
+    compute_dtype = 'float32' # the channel scores
     needs_queries = True
     knobs = (Knob('prune', 0.5, low=0.0, high=0.95, grid=(0.25, 0.5), doc='fraction of key channels pruned'),
              Knob('window', 32, low=1, high=100_000,

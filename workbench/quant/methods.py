@@ -11,6 +11,7 @@ import torch, torch.nn.functional as F
 from torch import nn
 from ..core import LM, Knob, Method, WorkbenchError, check_choice, threads
 from ..methods import swap_modules
+from ..models import value_bytes
 from ..ledger import weight_bytes
 from ..packing import pack, unpack, affine_encode, affine_dequantize
 
@@ -88,7 +89,7 @@ LAYERS_KNOB = Knob('layers', 'blocks', choices=LAYER_SETS,
 
 # %% ../../nbs/quant/10_quant.ipynb #1f1b7ab8
 def targets(model:nn.Module, select) -> list:
-    "(name, out, in) of each layer `select` picks (an fp32 `nn.Linear`, or one already replaced by a `PackedLinear`)."
+    "(name, out, in) of each layer `select` picks (an `nn.Linear`, or one already replaced by a `PackedLinear`)."
     return [(n, m.out_features, m.in_features) for n, m in model.named_modules() if select(n, m)]
 
 # %% ../../nbs/quant/10_quant.ipynb #84613e79
@@ -115,15 +116,16 @@ class LinearMethod(Method):
         return None
 
     def theory(self, lm:LM, base:dict) -> dict|None:
-        "Baseline weight bytes, less the selected fp32 matrices, plus their bytes in the format (from the shapes)."
+        "Baseline weight bytes, less the selected matrices (in the model's dtype), plus their bytes in the format."
         sizes = [(o, i, self.layer_bytes(o, i, n)) for n, o, i in targets(lm.model, self.selects)]
         if any(b is None for *_, b in sizes): return None # a format of unknown bytes: measured only
-        saved = sum(4 * o * i - b for o, i, b in sizes)
+        saved = sum(value_bytes(lm) * o * i - b for o, i, b in sizes)
         return {**base, 'weights': round(base['weights'] - saved)}
 
 # %% ../../nbs/quant/10_quant.ipynb #57ed8500
 class AffineQuant(LinearMethod):
     "Base of affine weight quantizers: per-group scale and offset, codes stored packed in `QuantLinear`."
+    compute_dtype = 'float32' # scales, offsets and codes are fitted in float32
     abstract = True # a base: its subclasses are the methods
     knobs = (Knob('bits', 4, low=1, high=8, grid=(2, 3, 4, 8), doc='bits per weight code'),
              Knob('granularity', 'group', choices=('tensor', 'channel', 'group'),
@@ -362,6 +364,7 @@ def block_hessians(block:nn.Module, # a transformer block (GPTQ: its float64 cop
 # %% ../../nbs/quant/10_quant.ipynb #b5b677c8
 class GPTQ(AffineQuant):
     "GPTQ: second-order, column-by-column quantization calibrated on the `calib` split, block by block."
+    compute_dtype = 'float64' # the Hessians and the column-by-column solve
     knobs = AffineQuant.knobs + (
         Knob('act_order', False, doc='quantize columns in order of decreasing Hessian diagonal'),
         Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
@@ -425,6 +428,7 @@ class PaletteLinear(PackedLinear):
 # %% ../../nbs/quant/10_quant.ipynb #2c5bd79b
 class KMeans(LinearMethod):
     "Non-uniform palettes: 1-D k-means of the weights per tensor, output channel or group, stored as a lookup table."
+    compute_dtype = 'float32' # the palettes are fitted in float32
     knobs = (Knob('bits', 4, low=1, high=8, grid=(2, 3, 4), doc='bits per index (palette of 2^bits values)'),
              Knob('granularity', 'channel', choices=('tensor', 'channel', 'group'),
                   doc='one palette per tensor, output channel or group'),

@@ -10,7 +10,7 @@ import pandas as pd
 import torch, torch.nn.functional as F
 from torch import nn
 from ..core import LM, Knob, WorkbenchError, best_time, threads
-from ..models import load
+from ..models import load, value_bytes
 from ..ledger import weight_bytes, storage_bytes
 from .methods import (RTN, HQQ, GPTQ, KMeans, LinearMethod, AffineQuant, PackedLinear, QuantLinear,
                                      LAYERS_KNOB, BLOCK_NAME, block_list, block_inputs, calib_batches, hidden_out,
@@ -73,7 +73,7 @@ def fake_quantized(model:nn.Module, names:list, quantizer):
     mods = [model.get_submodule(n) for n in names]
     saved = [m.weight.data for m in mods]
     try:
-        for m in mods: m.weight.data = quantizer.fake_quant(m.weight.data)
+        for m in mods: m.weight.data = quantizer.fake_quant(m.weight.data).to(m.weight.dtype)
         yield
     finally:
         for m, w in zip(mods, saved): m.weight.data = w
@@ -136,6 +136,7 @@ _SENSITIVITY = {} # (model id, name, quantizer config, units, tokens) -> DataFra
 
 class MixedPrecision(LinearMethod):
     "Bits per layer (or block half) allocated from measured sensitivity under a byte budget."
+    compute_dtype = 'float32' # sensitivities and the quantizers it allocates
     knobs = (Knob('avg_bits', 3.0, low=1.0, high=8.0, grid=(2.5, 3.0, 3.5),
                   doc='budget: average code bits per weight (scales and offsets on top, as for uniform)'),
              Knob('choices', '2,3,4', choices=('2,3,4', '2,4', '3,4', '2,3,4,8', '2,3,4,5,6,8'),
@@ -244,6 +245,7 @@ _STACKS = {} # (model id, name, layers, rank, blocks, calib tokens) -> {layer: r
 
 class BitStack(LinearMethod):
     "Residual sign x low-rank blocks sorted across layers into one stack, cut at any byte budget."
+    compute_dtype = 'float32' # the residual decomposition
     knobs = (Knob('bits_per_weight', 4.0, low=0.5, high=16.0, grid=(3.0, 3.5, 4.0, 5.0, 6.0),
                   doc='budget: all bytes of the quantized layers, as bits per weight'),
              Knob('rank', 4, low=1, high=64, doc='rank of |residual| per block'),
@@ -333,11 +335,11 @@ class HQQPeer(LinearMethod):
     def replacement(self, lin, name=None): return hqq_library_linear(lin, self.bits, self.group_size)
 
 def hqq_library_linear(lin:nn.Linear, bits:int, group_size:int):
-    "The hqq library's `HQQLinear` of a copy of `lin` (its defaults: `BaseQuantizeConfig`, fp32 compute on the CPU)."
+    "The hqq library's `HQQLinear` of a copy of `lin` (its `BaseQuantizeConfig`), in `lin`'s dtype and on its device."
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
     # hqq deletes the weights of the layer it is given: give it a copy, the original stays aside for the undo
     return HQQLinear(copy.deepcopy(lin), BaseQuantizeConfig(nbits=bits, group_size=group_size), del_orig=True,
-                     compute_dtype=torch.float32, device='cpu')
+                     compute_dtype=lin.weight.dtype, device=str(lin.weight.device))
 
 def peers_available() -> dict:
     "Which optional peer libraries are importable."
@@ -428,7 +430,7 @@ class HQQVariant(HQQ):
     def install(self, lm:LM):
         mods = [lm.model.get_submodule(n) for n, o, i in targets(lm.model, self.selects)]
         saved = [m.weight.data for m in mods]
-        for m in mods: m.weight.data = self.fake_quant(m.weight.data)
+        for m in mods: m.weight.data = self.fake_quant(m.weight.data).to(m.weight.dtype)
         def undo():
             for m, w in zip(mods, saved): m.weight.data = w
         return undo
@@ -463,7 +465,7 @@ def measure(lm:LM, method, task, ref=None, base_bytes:int=None) -> dict:
     theory = method.theory(lm, {'weights': base_bytes, 'kv': 0}) # None: measured only
     theory = None if theory is None else theory['weights']
     return dict(method=method.name, **metrics, weight_bytes=held, weight_bytes_theory=theory,
-                bits_per_weight=(held - (base_bytes - 4 * n)) * 8 / n, quantize_s=t1 - t0, eval_s=t2 - t1)
+                bits_per_weight=(held - (base_bytes - value_bytes(lm) * n)) * 8 / n, quantize_s=t1 - t0, eval_s=t2 - t1)
 
 # %% ../../nbs/quant/11_quant_study.ipynb #a7c1e0d3
 @torch.no_grad()
@@ -560,8 +562,9 @@ def run_study(task, methods=None, lm:LM=None, name:str='quant-study', root=None,
     methods, lm = study_grid() if methods is None else methods, lm or load('smollm2-135m')
     df = Study(lm, methods, task, name=name, root=root).run(progress=progress)
     n = quantized_weights(lm, methods[0])
-    df['bits_per_weight'] = [(r.weight_bytes - (r.weight_bytes_baseline - 4 * n)) * 8 / n if r.method != 'baseline'
-                             else 32. for r in df.itertuples()]
+    full = value_bytes(lm) # bytes per weight of the baseline
+    df['bits_per_weight'] = [(r.weight_bytes - (r.weight_bytes_baseline - full * n)) * 8 / n if r.method != 'baseline'
+                             else 8. * full for r in df.itertuples()]
     return df
 
 # %% ../../nbs/quant/11_quant_study.ipynb #96b1445c

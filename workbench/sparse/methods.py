@@ -10,7 +10,7 @@ import pandas as pd, torch, torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention, create_block_mask, BlockMask
 from ..core import LM, Knob, Method, WorkbenchError, best_time
 from ..methods import entered, use_attention
-from ..models import facts
+from ..models import facts, value_bytes
 from ..ledger import kv_bytes_theory
 
 # %% auto #0
@@ -315,6 +315,7 @@ def block_pairs(T:int, B:int) -> torch.Tensor:
 # %% ../../nbs/sparse/40_sparse.ipynb #0c6e23ea
 class DynamicBlockSparse(SparseAttention):
     "Block-sparse in every forward: each query block keeps its own and the `blocks` earlier blocks of largest bound."
+    compute_dtype = 'float32' # the block bounds are ranked in float32
     dynamic = True
     knobs = (Knob('block', 64, low=1, high=4096, grid=(64,), doc='keys per block (FlexAttention block size too)'),
              Knob('blocks', 4, low=0, high=100_000, grid=(2, 4), doc='earlier key blocks each query block keeps'),
@@ -331,7 +332,7 @@ class DynamicBlockSparse(SparseAttention):
             b = block_bounds(q[:, :, s:s+QUERY_CHUNK], k, self.block, 1.0)
             self.n_bounds += b.numel() # one bound per query, head and key block
             idx = qb[s:s+QUERY_CHUNK].view(1, 1, -1, 1).expand_as(b)
-            bound.scatter_reduce_(2, idx, b, 'amax')
+            bound.scatter_reduce_(2, idx, b.float(), 'amax') # ranked in float32 whatever the model's dtype
         i, j = torch.arange(nqb, device=q.device)[:, None], torch.arange(nkb, device=q.device)[None]
         bound = bound.masked_fill(j >= i, float('-inf')) # strictly earlier blocks compete; the diagonal is always kept
         pick = min(self.blocks, nkb)
@@ -396,6 +397,7 @@ def top_pages(scores:torch.Tensor, pages:int, current:bool) -> torch.Tensor:
 # %% ../../nbs/sparse/40_sparse.ipynb #9b9e20fe
 class Quest(SparseAttention):
     "Quest as published: dense prefill and first layers; each decoding query reads the pages of `budget` keys."
+    compute_dtype = 'float64' # page bounds and scores
     dynamic, flex_block, decode_only = True, False, True
     knobs = (Knob('budget', 64, low=1, high=1 << 20, grid=(64, 256),
                   doc='keys a decoding query reads per head: pages x page size'),
@@ -437,7 +439,8 @@ class Quest(SparseAttention):
         "Bytes held: the full cache plus each selecting layer's per-page key max and min (Quest holds more)."
         per = kv_bytes_theory(lm.model, 1); n = round(base['kv'] / per) if per else 0
         f = facts(lm); layers = sum(w is None for w in f['windows'][self.dense_layers:])
-        meta = layers * f['kv_heads'] * 2 * f['head_dim'] * 4 * math.ceil(n / self.page) if self.rank == 'bound' else 0
+        meta = layers * f['kv_heads'] * 2 * f['head_dim'] * value_bytes(lm) * math.ceil(n / self.page) \
+               if self.rank == 'bound' else 0
         return {**base, 'kv': kv_bytes_theory(lm.model, n) + meta}
 
 # %% ../../nbs/sparse/40_sparse.ipynb #09a4a598

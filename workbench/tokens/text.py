@@ -107,6 +107,7 @@ def _check_layer(lm, layer):
 
 class AttnPrune(PromptDrop):
     "Prompt pruning by FastV's score (last token's attention, block `layer`-1); kept tokens re-prefilled in all blocks."
+    compute_dtype = 'float64' # the attention each token receives
     knobs = PromptDrop.knobs + (
         Knob('layer', 2, low=1, high=64, grid=(2,), doc="K: rank by block K-1's attention, as FastV"),
         Knob('rows', 'last', choices=('last', 'all'), doc="attention from the last prompt token, or averaged over all"))
@@ -118,6 +119,7 @@ class AttnPrune(PromptDrop):
 
 class SelfInfo(PromptDrop):
     "Self-information selector (the LLMLingua / Selective Context idea): drop the context tokens least surprising."
+    compute_dtype = 'float32' # the log-probabilities
     def scores(self, lm, ids, question=None):
         logp = F.log_softmax(lm.model(ids[None], use_cache=False).logits[0, :-1].float(), -1)
         s = -logp.gather(1, ids[1:, None])[:, 0] # surprisal of each token given the ones before it

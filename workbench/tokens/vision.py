@@ -305,6 +305,7 @@ def bipartite_merge(st:TokenState, h:torch.Tensor, r:int) -> torch.Tensor:
 # %% ../../nbs/tokens/30_tokens_vision.ipynb #d8649c2f
 class ToMe(TokenMethod):
     "Token Merging (Bolya et al. 2023, from the paper): `r` tokens merged in every block, proportional attention."
+    compute_dtype = 'float64' # token sizes and pooled features
     knobs = (Knob('r', 8, low=0, high=1024, grid=(4, 8, 16), doc='tokens merged per block (0: use ratio)'),
              Knob('ratio', 0.0, low=0.0, high=0.5, doc='if r=0: fraction of the current tokens merged per block'),
              Knob('prop_attn', True, doc='proportional attention: add log(size) to the attention logits'))

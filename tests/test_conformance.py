@@ -4,7 +4,8 @@ from workbench.core import WorkbenchError
 from workbench.ledger import cache_bytes, weight_bytes
 from workbench.methods import new_cache
 from workbench.models import tiny_lm
-from workbench.quant.methods import targets
+from workbench.methods import decoder_linears
+from workbench.quant.methods import LinearMethod, targets
 from workbench.study import method_registry
 
 METHODS = method_registry()
@@ -95,7 +96,8 @@ def test_weight_theory_follows_the_dtype(name):
         base = weight_bytes(lm.model); th = method.theory(lm, dict(weights=base, kv=0))
         if th is None: pytest.skip(f'{name} is measured only (no theory)')
         saved[d] = base - th['weights']
-    n = sum(o * i for _, o, i in targets(lms['float32'].model, method.selects))
+    select = method.selects if isinstance(method, LinearMethod) else decoder_linears # HalfWeights: the block Linears
+    n = sum(o * i for _, o, i in targets(lms['float32'].model, select))
     assert saved['float32'] - saved['bfloat16'] == 2 * n # each selected value: 4 bytes left in float32, 2 in bf16
 
 def test_rtn_bytes_in_bfloat16_match_the_theory():

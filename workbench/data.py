@@ -12,7 +12,7 @@ from .core import WorkbenchError, check_choice
 
 # %% auto #0
 __all__ = ['DATA', 'BOOKS', 'R_NAMES', 'TEXTS', 'DATASETS', 'SPLITS', 'USES', 'COLOURS', 'book', 'rebuild_corpora', 'Split',
-           'split', 'split_text', 'split_ids', 'text_key', 'registered_text', 'overlapping', 'register_split',
+           'split', 'registered_text', 'split_text', 'split_ids', 'text_key', 'overlapping', 'register_split',
            'dataset_text', 'register_dataset', 'Needle', 'make_needle']
 
 # %% ../nbs/02_data.ipynb #cca7d601
@@ -67,10 +67,14 @@ def split(name:str) -> Split:
         raise WorkbenchError(f"split {name!r} is a dataset: register it first with register_dataset({name!r})")
     return SPLITS[check_choice('split', name, list(SPLITS))]
 
+def registered_text(key:str) -> str:
+    "The whole text behind a split's `book`: a registered text or a book."
+    return TEXTS[key] if key in TEXTS else book(key)
+
 def split_text(name:str) -> str:
     "The characters of split `name`: its text from `start` to `end`."
     s = split(name)
-    return (TEXTS[s.book] if s.book in TEXTS else book(s.book))[s.start:s.end]
+    return registered_text(s.book)[s.start:s.end]
 
 # %% ../nbs/02_data.ipynb #6a872058
 def split_ids(tokenizer, name:str, tokens:int=None) -> torch.Tensor:
@@ -95,10 +99,6 @@ def text_key(text_or_path) -> tuple:
     if isinstance(text_or_path, Path) or (len(text_or_path) < 256 and re.search(r'[/\\]|\.\w{1,4}$', text_or_path)):
         raise WorkbenchError(f"no file {str(text_or_path)!r}; give a book key ({', '.join(BOOKS)}), a file or a text")
     return f"text#{hashlib.sha256(text_or_path.encode()).hexdigest()[:8]}", text_or_path
-
-def registered_text(key:str) -> str:
-    "The whole text behind a split's `book`: a registered text or a book."
-    return TEXTS[key] if key in TEXTS else book(key)
 
 def overlapping(s:Split, other:Split) -> bool:
     "Whether splits `s` and `other` share a character of the same text (compared by content, not by name)."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #5ffffd30
 from __future__ import annotations
-import argparse, hashlib, importlib, json, os, statistics, sys, time
+import argparse, hashlib, importlib, json, os, platform, re, statistics, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
@@ -14,9 +14,9 @@ from .models import cache_dir
 # %% auto #0
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'AVX2_SSE42', 'COMPILES', 'FLOOR',
            'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression', 'regress',
-           'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'calibrate', 'demo', 'plain_perplexity',
-           'bench_eval', 'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name', 'bench_call',
-           'run_bench', 'parser', 'main']
+           'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'machine', 'other_machines', 'calibrate', 'demo',
+           'plain_perplexity', 'bench_eval', 'bench_function', 'bench_options', 'option_value', 'cli_options',
+           'bench_name', 'bench_call', 'run_bench', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -137,14 +137,38 @@ def resumable_run(name:str, profile:str, out_dir:Path, **setting) -> dict:
     result = run_regression(name, profile, out_dir, **setting)
     stamp.write_text(code); return result
 
+def machine() -> str:
+    "This CPU's model and widest vector unit, e.g. 'AMD EPYC, AVX2': the label of the runs calibrated here."
+    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
+    field = lambda k: (re.search(rf'^{k}\s*:\s*(.+)$', info, re.M) or [None, ''])[1].strip()
+    flags = set(field('flags').split())
+    isa = next((n for f, n in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('sse4_2', 'SSE4.2')) if f in flags), '')
+    return ', '.join(x for x in (field('model name') or platform.machine(), isa) if x)
+
+
+def other_machines(baseline:dict, # a stored baseline (`calibrated`)
+                   here:str): # this machine's label
+    "The runs of `baseline` made on other machines, as `calibrated` takes them (unlabelled: 'another machine')."
+    label = lambda s: s if ': ' in s else f'another machine: {s}'
+    names = {s for b in baseline.values() for s in b.get('runs', {})}
+    return {label(s): {k: {'value': b['runs'][s]} for k, b in baseline.items() if s in b.get('runs', {})}
+            for s in sorted(names) if not label(s).startswith(here + ': ')}
+
 def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0,
-              settings:dict|None=None) -> pd.DataFrame: # default: `settings_for` each notebook
-    "Run notebooks under every setting; write baselines with the median value and a tolerance from the measured spread."
-    out_dir, rows = Path(out_dir or cache_dir()/'calibrate'), []
+              settings:dict|None=None, # default: `settings_for` each notebook
+              fresh:bool=False) -> pd.DataFrame: # True: drop the runs other machines left in the baselines
+    "Run notebooks under every setting here, add other machines' stored runs, write baselines with the spread of all."
+    out_dir, rows, here = Path(out_dir or cache_dir()/'calibrate'), [], machine()
     for name in names or list(regression_notebooks()):
-        runs = {s: resumable_run(name, profile, out_dir/s.replace(' ', '_'), **kw)
+        runs = {f'{here}: {s}': resumable_run(name, profile, out_dir/s.replace(' ', '_'), **kw)
                 for s, kw in (settings or settings_for(name)).items()}
+        path = BASELINES/f'{name}.{profile}.json'
+        if path.exists() and not fresh:
+            for s, r in other_machines(json.loads(path.read_text()), here).items():
+                if set(r) == set(next(iter(runs.values()))): runs[s] = r
+                else: print(f"{name}: leaving out the runs of {s!r}, which wrote other metrics (rerun there)")
         base = calibrated(runs, margin)
+
         _write_baseline(name, profile, base)
         rows += [dict(notebook=name, profile=profile, metric=k, **{x: b[x] for x in ('value', 'spread', 'tol')})
                  for k, b in base.items()]
@@ -307,7 +331,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument('--update-baseline', action='store_true',
                    help="rewrite the baselines with the notebooks' own tolerances")
     g.add_argument('--calibrate', action='store_true',
-                   help='rerun under 1 thread, 2 threads and SSE4.2 kernels; pin the measured spread')
+                   help="rerun under 1 thread, 2 threads and SSE4.2 kernels; pin the spread with other machines' runs")
+
+    g.add_argument('--fresh', action='store_true', help="with --calibrate: drop other machines' runs (numbers changed)")
+
     g.add_argument('--threads', type=int, default=1, help='torch and BLAS threads of the notebook kernels (default 1)')
     e = sub.add_parser('peers', help="install a peer library's own environment: workbench peers install kvpress")
     e.add_argument('action', choices=['install']); e.add_argument('name', choices=['kvpress'])
@@ -341,7 +368,7 @@ def main(argv=None) -> int:
             if a.csv: df.to_csv(a.csv, index=False)
             return 0
         if a.cmd == 'regress':
-            if a.calibrate: _print(calibrate(a.names or None, a.profile)); return 0
+            if a.calibrate: _print(calibrate(a.names or None, a.profile, fresh=a.fresh)); return 0
             t = regress(a.names or None, a.profile, a.update_baseline, threads=a.threads); _print(t)
             bad = t[t.drift]
             drift = '' if bad.empty else f"; DRIFT: {', '.join(bad.metric)}"

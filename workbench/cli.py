@@ -13,10 +13,11 @@ from .models import cache_dir
 
 # %% auto #0
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'AVX2_SSE42', 'COMPILES', 'FLOOR',
-           'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression', 'regress',
-           'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'machine', 'other_machines', 'calibrate', 'demo',
-           'plain_perplexity', 'bench_eval', 'bench_function', 'bench_options', 'option_value', 'cli_options',
-           'bench_name', 'bench_call', 'run_bench', 'parser', 'main']
+           'GPU_METHODS', 'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression',
+           'regress', 'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'machine', 'other_machines',
+           'calibrate', 'demo', 'plain_perplexity', 'bench_eval', 'versions', 'relative_difference', 'device_rows',
+           'flex_rows', 'bench_gpu', 'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name',
+           'bench_call', 'run_bench', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -240,12 +241,91 @@ def bench_eval(tokens:int=2048, # tokens of the `eval` split
                  repeats=repeats, stat=stat, threads=torch.get_num_threads()) for d in names]
     return pd.DataFrame(rows)
 
+# %% ../nbs/09_cli.ipynb #c0c54215
+GPU_METHODS = ('RTN', 'KIVI', 'SnapKV', 'SinkWindow', 'Quest', 'FastV') # one or two of each family, default knobs
+
+def versions() -> dict:
+    "The versions of the libraries a run depends on, and the accelerator it sees."
+    import torch, transformers
+    cuda = torch.cuda.is_available()
+    return dict(torch=torch.__version__, transformers=transformers.__version__, pandas=pd.__version__,
+                cuda=torch.version.cuda, device=torch.cuda.get_device_name(0) if cuda else machine())
+
+def relative_difference(a, b) -> float:
+    "Largest |a - b| relative to the largest |a|, in float64 on the CPU."
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+
+def device_rows(arch:str, method:str|None, device:str, tokens:int=160) -> dict:
+    "One tiny random `arch` model on the CPU and on `device` with `method`: logits' difference, bytes on each."
+    import torch
+    from workbench.ledger import cache_bytes, weight_bytes
+    from workbench.methods import new_cache
+    from workbench.models import tiny_lm
+    from workbench.study import method_registry
+    x, out = torch.randint(0, 500, (1, tokens), generator=torch.Generator().manual_seed(0)), {}
+    for where in ('cpu', device):
+        lm = tiny_lm(arch, hidden=256, heads=4, kv_heads=2, device=where) # head_dim 64, as SmolLM2
+        m = method_registry()[method]() if method else None
+        undo = m.install(lm) if m else (lambda: None)
+        try:
+            with torch.no_grad():
+                ids = x.to(lm.device); o = lm.model(ids, past_key_values=new_cache(lm), use_cache=True)
+                step = lm.model(ids[:, -1:], past_key_values=o.past_key_values, use_cache=True)
+            out[where] = (torch.cat([o.logits[:, -1:], step.logits], 1), weight_bytes(lm.model),
+                          cache_bytes(step.past_key_values))
+        finally: undo()
+    (a, wa, ca), (b, wb, cb) = out['cpu'], out[device]; diff = relative_difference(a, b)
+    return dict(check='tiny', arch=arch, method=method or 'none', rel_diff=diff, weight_bytes_cpu=wa,
+                weight_bytes_device=wb, cache_bytes_cpu=ca, cache_bytes_device=cb,
+                ok=diff <= 1e-3 and (wa, ca) == (wb, cb))
+
+
+
+def flex_rows(device:str, lengths=(4096, 8192), repeats:int=3) -> list:
+    "FlexAttention prefill of Window and SinkWindow (compiled on `device`) against dense SDPA, at each length."
+    import torch, torch.nn.functional as F
+    from workbench.core import best_time
+    from workbench.models import as_device
+    from workbench.sparse.methods import SinkWindow, Window
+    sync = torch.cuda.synchronize if as_device(device).type == 'cuda' else (lambda: None)
+    timed = lambda f: best_time(lambda: (f(), sync()), repeats, warmup=True)
+    rows = []
+    for T in lengths:
+        q, k, v = (torch.randn(1, h, T, 64, device=device) for h in (9, 3, 3)) # SmolLM2's heads
+        dense = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        for m in (Window(window=T // 8, backend='flex'), SinkWindow(sinks=4, window=T // 8 - 4, backend='flex')):
+            t = timed(lambda: m.attend(q, k, v, None, 64 ** -0.5))
+            rows.append(dict(check='flex', method=m.name, tokens=T, seconds=t, dense_s=dense, speedup=dense / t))
+    return rows
+
+def bench_gpu(device:str='cuda', # the device compared with the CPU ('cpu' checks the plumbing)
+              archs=('llama', 'qwen2', 'gemma3'), # tiny random configs
+              methods=GPU_METHODS, # registered method names
+              lengths=(4096, 8192), # FlexAttention prefill lengths (none: skip)
+              smollm2:bool=True): # also SmolLM2's perplexity on 512 tokens where its package is installed
+    "Device against CPU: each method's logits and bytes on tiny configs, SmolLM2's perplexity, FlexAttention speed-up."
+    from workbench.models import as_device, load, model_spec, package_dir
+    as_device(device) # a clear error where it is not here
+    print(' '.join(f'{k}={v}' for k, v in versions().items()))
+    rows = [device_rows(a, m, device) for a in archs for m in (None, *methods)]
+    if smollm2 and package_dir(model_spec('smollm2-135m')) is not None:
+        from workbench.tasks import Perplexity
+        task = Perplexity(tokens=512, window=512)
+        p = {d: task.run(load('smollm2-135m', device=d))['ppl'] for d in ('cpu', device)}
+        diff = abs(p[device] / p['cpu'] - 1)
+        rows.append(dict(check='smollm2', method='none', ppl_cpu=p['cpu'], ppl_device=p[device], rel_diff=diff,
+                         ok=diff <= 1e-3))
+    return pd.DataFrame(rows + flex_rows(device, lengths))
+
 # %% ../nbs/09_cli.ipynb #c9b3e1a2
 BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:function'): options in, a DataFrame out
            'quant': 'workbench.quant.study:bench',
            'matmul': 'workbench.quant.study:bench_matmul',
            'kv': 'workbench.kv.study:bench',
-           'sparse': 'workbench.sparse.study:bench'}
+           'sparse': 'workbench.sparse.study:bench',
+           'gpu': 'workbench.cli:bench_gpu'}
+
 
 def bench_function(path): # 'module:function', or the function itself
     "The benchmark function named by 'module:function'."

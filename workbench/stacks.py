@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import pandas as pd
 import plotly.graph_objects as go
 from .core import WorkbenchError
-from .models import facts
 
 # %% auto #0
 __all__ = ['LEDGER_PARTS', 'SHAPES', 'H100', 'SCENARIOS', 'HEADLINE_COLUMNS', 'stack_grid', 'family_bars', 'best_under',
@@ -79,11 +78,18 @@ class Shape:
     tied:bool=False # input embedding shared with the output head
 
     @classmethod
+    def from_config(cls, name:str, config) -> 'Shape':
+        "The shape of a decoder from its transformers config alone: nothing loaded or allocated."
+        c = config.get_text_config() if hasattr(config, 'get_text_config') else config
+        heads = c.num_attention_heads
+        return cls(name, c.num_hidden_layers, c.hidden_size, heads, getattr(c, 'num_key_value_heads', None) or heads,
+                   getattr(c, 'head_dim', None) or c.hidden_size // heads, c.intermediate_size, c.vocab_size,
+                   bool(getattr(c, 'tie_word_embeddings', False)))
+
+    @classmethod
     def of(cls, lm) -> 'Shape':
         "The shape of a loaded decoder, from its config."
-        f, c = facts(lm), lm.model.config
-        return cls(lm.name, f['layers'], f['hidden'], f['q_heads'], f['kv_heads'], f['head_dim'], c.intermediate_size,
-                   c.vocab_size, bool(c.tie_word_embeddings))
+        return cls.from_config(lm.name, lm.model.config)
 
     def params(self) -> dict:
         "Parameters by part: the blocks (attention, gated MLP, norms), the embedding and the output head."

@@ -15,6 +15,7 @@ def bad_value(knob):
     "A value `knob` must refuse, or None when every value of its type is valid."
     if knob.kind == 'bool': return 'yes'
     if knob.kind == 'choice': return object()
+    if knob.kind == 'text': return 12
     if knob.low is not None: return knob.low - 1
     if knob.high is not None: return knob.high + 1
     return None

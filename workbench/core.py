@@ -46,12 +46,15 @@ class Knob:
     choices: tuple|None = None # the valid values (choices and bools)
     grid: tuple|None = None # values a study sweeps by default
     doc: str = '' # one line shown beside the widget
+    valid: Callable|None = None # text knobs: returns the value, or raises a clear error naming the valid ones
+    names: Callable|None = None # text knobs: what a value stands for (a split's text), kept in the method's config
 
     @property
     def kind(self):
-        "One of 'bool', 'choice', 'int', 'float'."
+        "One of 'bool', 'choice', 'text', 'int', 'float'."
         if isinstance(self.default, bool): return 'bool'
         if self.choices is not None: return 'choice'
+        if isinstance(self.default, str): return 'text'
         return 'int' if isinstance(self.default, int) else 'float'
 
     def check(self, v):
@@ -60,6 +63,10 @@ class Knob:
             if not isinstance(v, bool): raise WorkbenchError(f"knob {self.name}={v!r} must be True or False")
             return v
         if self.kind == 'choice': return check_choice(f"value for knob {self.name}", v, self.choices)
+        if self.kind == 'text':
+            if not isinstance(v, str) or not v:
+                raise WorkbenchError(f"knob {self.name}={v!r} must be a non-empty string")
+            return self.valid(v) if self.valid else v
         ok_type = isinstance(v, int) if self.kind == 'int' else isinstance(v, (int, float))
         if isinstance(v, bool) or not ok_type or (isinstance(v, float) and math.isnan(v)):
             kind = 'an integer' if self.kind == 'int' else 'a number'
@@ -142,8 +149,9 @@ class Method:
 
     def __repr__(self): return self.name
     def config(self) -> dict:
-        "What identifies this method: class, family and knob values."
-        return {'method': type(self).__name__, 'family': self.family, **self.values}
+        "What identifies this method: class, family, knob values and what its text knobs stand for."
+        named = {f'{k.name}_is': k.names(self.values[k.name]) for k in self.knobs if k.names}
+        return {'method': type(self).__name__, 'family': self.family, **self.values, **named}
 
     def install(self, lm:LM) -> Callable[[], None]:
         "Change `lm` (override); return the function that undoes the change."

@@ -13,7 +13,7 @@ from .core import WorkbenchError, check_choice
 # %% auto #0
 __all__ = ['DATA', 'BOOKS', 'R_NAMES', 'TEXTS', 'DATASETS', 'SPLITS', 'USES', 'COLOURS', 'book', 'rebuild_corpora', 'Split',
            'split', 'registered_text', 'split_text', 'split_ids', 'text_key', 'overlapping', 'register_split',
-           'dataset_text', 'register_dataset', 'Needle', 'make_needle']
+           'calibration_split', 'split_source', 'dataset_text', 'register_dataset', 'Needle', 'make_needle']
 
 # %% ../nbs/02_data.ipynb #cca7d601
 DATA = Path(__file__).resolve().parent.parent/'data' if '__file__' in globals() else Path('../data').resolve()
@@ -128,6 +128,20 @@ def register_split(name:str, # the new split's name
                                  "text must never be calibration text: choose start/end outside that range")
     SPLITS[name] = s
     return s
+
+def calibration_split(name:str) -> Split:
+    "The split `name` if calibration may read it (`use='calib'`), else a clear error naming those that may."
+    s = split(name)
+    if s.use != 'calib':
+        calib = ', '.join(n for n, o in SPLITS.items() if o.use == 'calib')
+        raise WorkbenchError(f"split {name!r} is an {s.use} split; calibration reads a calib split ({calib}), "
+                             "or one made by register_split(..., use='calib')")
+    return s
+
+def split_source(name:str) -> str:
+    "What split `name` reads: its text's key and character range, e.g. 'sense[0:200000]' (recorded in configs)."
+    s = split(name)
+    return f"{s.book}[{s.start}:{'' if s.end is None else s.end}]"
 
 # %% ../nbs/02_data.ipynb #079cbd82
 def dataset_text(name:str, # 'wikitext-2' or 'pg19'

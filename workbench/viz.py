@@ -96,6 +96,7 @@ def knob_widget(knob:Knob, # the knob the control sets
     kw = dict(value=v, description=knob.name, tooltip=knob.doc, style={'description_width': 'initial'})
     if knob.kind == 'bool': return widgets.Checkbox(indent=False, **kw)
     if knob.kind == 'choice': return widgets.Dropdown(options=knob.choices, **kw)
+    if knob.kind == 'text': return widgets.Text(continuous_update=False, **kw)
     num = knob.kind == 'int'
     if knob.low is None or knob.high is None: return (widgets.IntText if num else widgets.FloatText)(**kw)
     if num: return widgets.IntSlider(min=knob.low, max=knob.high, continuous_update=False, **kw)

@@ -13,13 +13,14 @@ from ..core import LM, Knob, Method, WorkbenchError, check_choice, threads
 from ..methods import swap_modules
 from ..models import value_bytes
 from ..ledger import weight_bytes
+from ..data import calibration_split, split_ids, split_source
 from ..packing import pack, unpack, affine_encode, affine_dequantize
 
 # %% auto #0
-__all__ = ['BLOCK_NAME', 'LAYER_SETS', 'LAYERS_KNOB', 'groups_of', 'expand', 'Quantized', 'PackedLinear', 'QuantLinear',
-           'in_blocks', 'targets', 'LinearMethod', 'AffineQuant', 'RTN', 'shrink_lp', 'HQQ', 'calib_batches',
-           'block_list', 'hidden_out', 'block_inputs', 'to_float64', 'RMSNorm64', 'as_float64_norm', 'float64_copy',
-           'gptq_quantize', 'block_hessians', 'GPTQ', 'kmeans_1d', 'PaletteLinear', 'KMeans']
+__all__ = ['BLOCK_NAME', 'LAYER_SETS', 'LAYERS_KNOB', 'CALIB_KNOB', 'groups_of', 'expand', 'Quantized', 'PackedLinear',
+           'QuantLinear', 'in_blocks', 'targets', 'LinearMethod', 'AffineQuant', 'RTN', 'shrink_lp', 'HQQ',
+           'calib_batches', 'block_list', 'hidden_out', 'block_inputs', 'to_float64', 'RMSNorm64', 'as_float64_norm',
+           'float64_copy', 'gptq_quantize', 'block_hessians', 'GPTQ', 'kmeans_1d', 'PaletteLinear', 'KMeans']
 
 # %% ../../nbs/quant/10_quant.ipynb #2c1527dc
 def groups_of(w:torch.Tensor, # [out, in] weight matrix
@@ -226,13 +227,17 @@ class HQQ(AffineQuant):
         return best_m
 
 # %% ../../nbs/quant/10_quant.ipynb #dc34bb89
+CALIB_KNOB = Knob('calib_split', 'calib', valid=lambda s: calibration_split(s).name, names=split_source,
+                  doc="the split calibration reads (one registered with use='calib')")
+
 def calib_batches(lm:LM, tokens:int=2048, # calibration tokens in all
-                  window:int=512) -> list: # tokens per window
-    "Model inputs of the `calib` split in `window`-token windows (random ids, seed 0, without a tokenizer)."
-    from workbench.data import split_ids
+                  window:int=512, # tokens per window
+                  split:str='calib') -> list: # a calibration split (see `data.register_split`)
+    "Model inputs of `split` in `window`-token windows (random ids, seed 0, without a tokenizer)."
+    calibration_split(split)
     if lm.tokenizer is None:
         ids = torch.randint(0, lm.model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
-    else: ids = split_ids(lm.tokenizer, 'calib', tokens)
+    else: ids = split_ids(lm.tokenizer, split, tokens)
     if lm.kind == 'encoder':
         window = min(window, lm.model.config.max_position_embeddings - 2)
         cls, sep = (lm.tokenizer.cls_token_id, lm.tokenizer.sep_token_id) if lm.tokenizer else (1, 2)
@@ -363,13 +368,13 @@ def block_hessians(block:nn.Module, # a transformer block (GPTQ: its float64 cop
 
 # %% ../../nbs/quant/10_quant.ipynb #b5b677c8
 class GPTQ(AffineQuant):
-    "GPTQ: second-order, column-by-column quantization calibrated on the `calib` split, block by block."
+    "GPTQ: second-order, column-by-column quantization calibrated on a calibration split, block by block."
     compute_dtype = 'float64' # the Hessians and the column-by-column solve
     knobs = AffineQuant.knobs + (
         Knob('act_order', False, doc='quantize columns in order of decreasing Hessian diagonal'),
         Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
-        Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens (calib split)'),
-        Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'))
+        Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens in all'),
+        Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'), CALIB_KNOB)
     _hessians: ClassVar[dict] = {} # id(Linear) -> its Hessian, set by `install` while it quantizes (never mutated)
 
     def quantize(self, w, lin=None):
@@ -381,7 +386,8 @@ class GPTQ(AffineQuant):
     @torch.no_grad()
     def install(self, lm:LM):
         prefix, blocks = block_list(lm.model)
-        hidden, calls = to_float64(block_inputs(lm, calib_batches(lm, self.calib_tokens, self.calib_window)))
+        batches = calib_batches(lm, self.calib_tokens, self.calib_window, self.calib_split)
+        hidden, calls = to_float64(block_inputs(lm, batches))
         undos = []
         try:
             for i, (block, call) in enumerate(zip(blocks, calls)):

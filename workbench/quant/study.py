@@ -13,8 +13,8 @@ from ..core import LM, Knob, WorkbenchError, best_time, threads
 from ..models import load, value_bytes
 from ..ledger import weight_bytes, storage_bytes
 from .methods import (RTN, HQQ, GPTQ, KMeans, LinearMethod, AffineQuant, PackedLinear, QuantLinear,
-                                     LAYERS_KNOB, BLOCK_NAME, block_list, block_inputs, calib_batches, hidden_out,
-                                     in_blocks, shrink_lp, targets)
+                                     LAYERS_KNOB, CALIB_KNOB, BLOCK_NAME, block_list, block_inputs, calib_batches,
+                                     hidden_out, in_blocks, shrink_lp, targets)
 from ..packing import pack, unpack
 
 # %% auto #0
@@ -82,9 +82,10 @@ def fake_quantized(model:nn.Module, names:list, quantizer):
 @torch.no_grad()
 def sensitivity(lm:LM, quantizer, # `quantizer(bits)` -> a method with `fake_quant`
                 bits:tuple, units:dict, # widths to measure; unit name -> Linear names
-                tokens:int=256) -> pd.DataFrame: # calibration tokens (one window)
+                tokens:int=256, # calibration tokens (one window)
+                split:str='calib') -> pd.DataFrame: # the calibration split they come from
     "Divergence from the baseline with only one unit quantized, for each unit and width (a row each)."
-    batch = calib_batches(lm, tokens, tokens)[0]
+    batch = calib_batches(lm, tokens, tokens, split)[0]
     ref = model_output(lm, batch)
     (h,), calls = block_inputs(lm, [batch])
     prefix, blocks = block_list(lm.model)
@@ -132,7 +133,7 @@ def allocate(sens:dict, # unit -> {bits: sensitivity}
         _, u, b2, extra = best; alloc[u] = b2; used += extra
 
 # %% ../../nbs/quant/11_quant_study.ipynb #f8f6fafd
-_SENSITIVITY = {} # (model id, name, quantizer config, units, tokens) -> DataFrame
+_SENSITIVITY = {} # (model id, name, quantizer config, group size, layers, units, tokens, split) -> DataFrame
 
 class MixedPrecision(LinearMethod):
     "Bits per layer (or block half) allocated from measured sensitivity under a byte budget."
@@ -146,7 +147,7 @@ class MixedPrecision(LinearMethod):
              Knob('unit', 'sublayer', choices=('sublayer', 'linear'),
                   doc="what gets one width: a block's attention or MLP, or each Linear"),
              Knob('calib_tokens', 256, low=16, high=8192, doc='calibration tokens for the sensitivity'),
-             LAYERS_KNOB)
+             LAYERS_KNOB, CALIB_KNOB)
 
     @property
     def widths(self): return tuple(int(b) for b in self.choices.split(','))
@@ -158,11 +159,11 @@ class MixedPrecision(LinearMethod):
         "Measured sensitivity of every unit at every allowed width (cached for the session)."
         units = units_of(lm.model, self.selects, self.unit)
         key = (id(lm.model), lm.name, self.quantizer(2).config()['method'], self.group_size, self.layers, self.unit,
-               self.calib_tokens)
+               self.calib_tokens, self.calib_split)
         have = _SENSITIVITY.get(key)
         todo = [b for b in self.widths if have is None or b not in set(have.bits)]
         if todo:
-            new = sensitivity(lm, self.quantizer, tuple(todo), units, self.calib_tokens)
+            new = sensitivity(lm, self.quantizer, tuple(todo), units, self.calib_tokens, self.calib_split)
             _SENSITIVITY[key] = new if have is None else pd.concat([have, new], ignore_index=True)
         df = _SENSITIVITY[key]
         return df[df.bits.isin(self.widths)].reset_index(drop=True)
@@ -226,7 +227,8 @@ class StackLinear(PackedLinear):
 # %% ../../nbs/quant/11_quant_study.ipynb #6904967c
 @torch.no_grad()
 def input_rms(lm:LM, names:list, # the Linear layers, by name in `lm.model`
-              tokens:int) -> dict: # calibration tokens, in windows of at most 512
+              tokens:int, # calibration tokens, in windows of at most 512
+              split:str='calib') -> dict: # the calibration split they come from
     "Name -> RMS of each input channel of that Linear layer over the calibration tokens."
     sq = {n: 0. for n in names}; cnt = dict.fromkeys(names, 0)
     def add(n):
@@ -235,13 +237,13 @@ def input_rms(lm:LM, names:list, # the Linear layers, by name in `lm.model`
         return hook
     hooks = [lm.model.get_submodule(n).register_forward_hook(add(n)) for n in names]
     try:
-        for b in calib_batches(lm, tokens, min(512, tokens)): lm.model(**b)
+        for b in calib_batches(lm, tokens, min(512, tokens), split): lm.model(**b)
     finally:
         for h in hooks: h.remove()
     return {n: (sq[n] / cnt[n]).sqrt() for n in names}
 
 # %% ../../nbs/quant/11_quant_study.ipynb #6dc3f6ae
-_STACKS = {} # (model id, name, layers, rank, blocks, calib tokens) -> {layer: residual stack}
+_STACKS = {} # (model id, name, layers, rank, blocks, calib tokens, split) -> {layer: residual stack}
 
 class BitStack(LinearMethod):
     "Residual sign x low-rank blocks sorted across layers into one stack, cut at any byte budget."
@@ -251,15 +253,15 @@ class BitStack(LinearMethod):
              Knob('rank', 4, low=1, high=64, doc='rank of |residual| per block'),
              Knob('max_blocks', 6, low=1, high=16, doc='residual blocks computed per layer'),
              Knob('calib_tokens', 512, low=16, high=8192, doc='calibration tokens for activation scales'),
-             LAYERS_KNOB)
+             LAYERS_KNOB, CALIB_KNOB)
 
     @torch.no_grad()
     def decompose(self, lm:LM) -> dict:
         "The residual stack of every selected layer (cached for the session), with its activation scales."
-        key = (id(lm.model), lm.name, self.layers, self.rank, self.max_blocks, self.calib_tokens)
+        key = (id(lm.model), lm.name, self.layers, self.rank, self.max_blocks, self.calib_tokens, self.calib_split)
         if key not in _STACKS:
             names = [n for n, o, i in targets(lm.model, self.selects)]
-            rms, out = input_rms(lm, names, self.calib_tokens), {}
+            rms, out = input_rms(lm, names, self.calib_tokens, self.calib_split), {}
             for n in names:
                 a = rms[n].clamp(min=1e-6).half().float()
                 st = residual_stack(lm.model.get_submodule(n).weight * a, self.max_blocks, self.rank)

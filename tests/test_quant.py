@@ -92,7 +92,8 @@ def test_ledger_matches_theory_and_restores(arch):
 def test_class_tree():
     "Weight methods are `LinearMethod`s, the affine ones `AffineQuant`s; no class switches a parent's part off."
     from workbench.quant.methods import LinearMethod, AffineQuant
-    from workbench.quant.study import MixedPrecision, BitStack, QuantoPeer, HQQPeer, HQQVariant
+    from workbench.quant.study import MixedPrecision, BitStack
+    from workbench.quant.peers import QuantoPeer, HQQPeer, HQQVariant
     from workbench.study import method_registry
     assert not LinearMethod.runnable() and not AffineQuant.runnable()
     assert all(issubclass(c, AffineQuant) for c in (RTN, HQQ, GPTQ, HQQVariant))
@@ -165,7 +166,8 @@ def test_mixed_and_stack_bytes():
 
 @pytest.mark.slow
 def test_bench_quant_runs():
-    from workbench.quant.study import bench, bench_matmul, QuantoPeer
+    from workbench.quant.study import bench, bench_matmul
+    from workbench.quant.peers import QuantoPeer
     t = bench(tokens=128, window=128, methods=[RTN(bits=4, group_size=32)], progress=None)
     assert list(t.method[:2]) == ['baseline (Q4_1-dequantized)', RTN(bits=4, group_size=32).name]
     assert abs(t.ppl[1] - t.ppl[0]) < 1e-4 and abs(t.bits_per_weight[1] - 5.0) < 1e-6

@@ -4,7 +4,7 @@ with `library_ingredients`."""
 import pytest, torch
 from workbench.core import WorkbenchError
 from workbench.quant.methods import HQQ, RTN, QuantLinear, in_blocks, targets
-from workbench.quant.study import HQQVariant, hqq_layer_errors, library_ingredients, peers_available
+from workbench.quant.peers import HQQVariant, hqq_layer_errors, library_ingredients, peers_available
 
 needs_hqq = pytest.mark.skipif(not peers_available()['hqq'],
                                reason='the hqq library is not installed (pip install hqq)')
@@ -71,7 +71,7 @@ def test_rounded_zero_packed_is_fake_quant(lm):
 @needs_hqq
 @pytest.mark.parametrize('bits', [3, 4])
 def test_library_ingredients_are_the_library(lm, bits):
-    from workbench.quant.study import hqq_library_linear
+    from workbench.quant.peers import hqq_library_linear
     for n in subset(lm, 30):
         lin = lm.model.get_submodule(n)
         lib = hqq_library_linear(lin, bits, 64).dequantize().float()

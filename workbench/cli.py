@@ -324,6 +324,7 @@ BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:
            'matmul': 'workbench.quant.study:bench_matmul',
            'kv': 'workbench.kv.study:bench',
            'sparse': 'workbench.sparse.study:bench',
+           'tokens': 'workbench.tokens.study:bench',
            'gpu': 'workbench.cli:bench_gpu'}
 
 

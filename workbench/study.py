@@ -122,8 +122,10 @@ class Study:
         return pd.DataFrame(rows).drop(columns=['config'])
 
 # %% ../nbs/08_study.ipynb #41294c51
-STUDY_MODULES = ('methods', 'tasks', 'encoders', 'quant.methods', 'quant.study', 'kv.methods', 'kv.study', 'kv.peers',
-                 'tokens.vision', 'tokens.text', 'sparse.methods', 'sparse.study') # those defining methods and tasks
+# the modules that define methods and tasks (a module a study imports is found through it as well)
+STUDY_MODULES = ('methods', 'tasks', 'encoders', 'quant.methods', 'quant.study', 'quant.peers', 'kv.methods',
+                 'kv.study', 'kv.peers', 'tokens.vision', 'tokens.text', 'tokens.study', 'sparse.methods',
+                 'sparse.study')
 
 
 def import_studies():

@@ -181,15 +181,16 @@ def demo(out:Path=Path('workbench-demo.html'), # the HTML report
          name:str='headline', # the study's cache folder
          root=None, # where studies are cached (default: cache_dir()/'studies')
          progress=True,
-         methods:list|None=None # default: `stacks.headline_methods()`
+         methods:list|None=None, # default: `stacks.headline_methods()`
+         dtype:str='float32' # the model's dtype
         ) -> pd.DataFrame:
     "Run the headline study, write the HTML report to `out`, and return the table."
     from workbench.stacks import (headline, headline_chart, family_bars, budget_table, scenario_table, SHAPES,
                                   SCENARIOS, HEADLINE_COLUMNS)
     from workbench.viz import report_html
-    df = headline(tokens, methods, name=name, root=root, progress=progress)
+    df = headline(tokens, methods, name=name, root=root, progress=progress, dtype=dtype)
     table = df[HEADLINE_COLUMNS]
-    notes = (f"SmolLM2-135M-Instruct (Q4_1-dequantized, fp32) on split 'eval': Pride and Prejudice from character "
+    notes = (f"SmolLM2-135M-Instruct (Q4_1-dequantized, {dtype}) on split 'eval': Pride and Prejudice from character "
              f"10,000, {tokens} tokens, 512-token windows fed in 128-token chunks through the KV cache, batch 1. Bytes "
              "are measured from tensor storage (weights, and the KV cache's peak between forwards); 'simulated' marks "
              "methods that mask instead of saving bytes.\n\nThe last table is a model, not a measurement: bytes held "
@@ -404,6 +405,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument('action', nargs='?', choices=['list', 'install'], default='list'); m.add_argument('name', nargs='?')
     d = sub.add_parser('demo', help='run the headline study and write an HTML report')
     d.add_argument('--out', default='workbench-demo.html'); d.add_argument('--tokens', type=int, default=2048)
+    d.add_argument('--dtype', default='float32', help="the model's dtype: float32, bfloat16 or float16")
     r = sub.add_parser('run', help='run a study from a TOML spec file'); r.add_argument('spec'); r.add_argument('--csv')
     r.add_argument('--dtype', help="float32, bfloat16 or float16 (default: the spec's, else float32)")
     r.add_argument('--device', help="where it runs: cpu, cuda, cuda:N (default: the spec's, else cpu)")
@@ -441,7 +443,7 @@ def main(argv=None) -> int:
             for n in (list(REGISTRY) if a.name == 'all' else [a.name]): install(n)
             return 0
         if a.cmd == 'demo':
-            t0 = time.perf_counter(); table = demo(Path(a.out), a.tokens); _print(table)
+            t0 = time.perf_counter(); table = demo(Path(a.out), a.tokens, dtype=a.dtype); _print(table)
             print(f"\nreport: {a.out}  ({time.perf_counter() - t0:.0f} s)"); return 0
         if a.cmd == 'run':
             from workbench.study import study_from_spec

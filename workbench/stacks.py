@@ -165,12 +165,14 @@ HEADLINE_COLUMNS = ['method', 'family', 'ppl', 'kl', 'top1', 'weight_bytes', 'kv
 
 def headline(tokens:int=2048, # tokens of the eval split
              methods:list|None=None, # default: `headline_methods()`
-             name:str='headline', root=None, progress=True) -> pd.DataFrame:
+             name:str='headline', root=None, progress=True,
+             dtype:str='float32') -> pd.DataFrame: # the model's dtype (rows of each dtype are cached apart)
     "Run the headline study on SmolLM2 (cached and resumable) and return its rows."
     from workbench.study import Study
     from workbench.tasks import Perplexity
     task = Perplexity(tokens=tokens, window=min(512, tokens), chunk=128)
-    return Study('smollm2-135m', methods or headline_methods(), task, name=name, root=root).run(progress=progress)
+    study = Study('smollm2-135m', methods or headline_methods(), task, name=name, root=root, dtype=dtype)
+    return study.run(progress=progress)
 
 def headline_chart(df:pd.DataFrame) -> go.Figure:
     "Perplexity (log axis) against total bytes held, coloured by family, with the Pareto frontier across families."

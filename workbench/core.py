@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar
 
 # %% auto #0
 __all__ = ['SLOTS', 'FAMILIES', 'private_inductor_dir', 'WorkbenchError', 'check_choice', 'Knob', 'LM', 'Method', 'Stack',
-           'stack', 'Task', 'config_hash', 'threads', 'best_times', 'best_time']
+           'stack', 'Task', 'config_hash', 'threads', 'best_times', 'best_time', 'print_row']
 
 # %% ../nbs/00_core.ipynb #a7c3e1d1
 def private_inductor_dir() -> str:
@@ -246,3 +246,7 @@ def best_times(calls:dict, # name -> a function called with no arguments
 def best_time(f:Callable, repeats:int=3, warmup:bool=True) -> float: # as in `best_times`
     "Seconds of the fastest of `repeats` calls of `f`."
     return best_times({'f': f}, repeats, warmup)['f']
+
+def print_row(row:dict):
+    "Print a benchmark's row as it is measured, on one line: `name=value`, floats to 4 significant digits."
+    print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()), flush=True)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import time
 import pandas as pd, torch, torch.nn.functional as F
-from ..core import LM, Task, WorkbenchError, best_time
+from ..core import LM, Task, WorkbenchError, best_time, print_row
 from ..models import facts, load
 from ..data import split, split_ids
 from ..ledger import cache_bytes
@@ -124,9 +124,6 @@ def bench_grid() -> list:
     return [c(**BENCH_VALUES.get(n, {}), backend='flex') for n, c in sparse_patterns().items() if c.flex_block]
 
 # %% ../../nbs/sparse/41_sparse_study.ipynb #8d4a144b
-def _print_row(row:dict):
-    print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()), flush=True)
-
 @torch.no_grad()
 def bench(lengths=(2048, 4096, 8192), # prefill lengths in tokens (attention level)
           methods=None, # flex-backend methods (default: `bench_grid()`)
@@ -146,7 +143,7 @@ def bench(lengths=(2048, 4096, 8192), # prefill lengths in tokens (attention lev
     Hq, Hkv, D = (9, 3, 64) if lm is None else (facts(lm)['q_heads'], facts(lm)['kv_heads'], facts(lm)['head_dim'])
     def add(**row):
         rows.append(row)
-        if progress: _print_row(row)
+        if progress: print_row(row)
     for T in lengths:
         q, k, v = (torch.randn(1, h, T, D) for h in (Hq, Hkv, Hkv))
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

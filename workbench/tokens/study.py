@@ -6,7 +6,7 @@
 from __future__ import annotations
 from contextlib import nullcontext
 import pandas as pd, torch
-from ..core import LM, Task, WorkbenchError, best_times
+from ..core import LM, Task, WorkbenchError, best_times, print_row
 from ..models import load
 from ..encoders import encoder_layers, fashion_subset, vit_inputs
 from .vision import TokenMethod, max_r, metered, vision_token_methods
@@ -59,9 +59,6 @@ def bench_grid(keep:float=0.25, # the budget: fraction of the patch tokens kept 
     return study_grid((keep,), layer, size, blocks)
 
 # %% ../../nbs/tokens/32_tokens_study.ipynb #dfc8682e
-def _print_row(row:dict):
-    print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()), flush=True)
-
 @torch.no_grad()
 def bench(images:int=8, # Fashion-MNIST test images (of 500), the same in every pass
           size:int=224, # input side in pixels, a multiple of 14 (224: 256 patches)
@@ -92,7 +89,7 @@ def bench(images:int=8, # Fashion-MNIST test images (of 500), the same in every 
         rows.append(dict(method=k, seconds=secs[k], images_per_s=images / secs[k], speedup=secs['baseline'] / secs[k],
                          **c, attn_flops_ratio=c['attn_flops'] / b['attn_flops'],
                          act_bytes_ratio=c['act_bytes'] / b['act_bytes']))
-        if progress: _print_row(rows[-1])
+        if progress: print_row(rows[-1])
     if progress:
         print(f"torch threads: {torch.get_num_threads()}; {images} images at {size} px, batch {batch}; seconds: the "
               f"fastest of {repeats} alternating passes; speedup = baseline seconds / method seconds")

@@ -164,12 +164,14 @@ def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0,
         runs = {f'{here}: {s}': resumable_run(name, profile, out_dir/s.replace(' ', '_'), **kw)
                 for s, kw in (settings or settings_for(name)).items()}
         path = BASELINES/f'{name}.{profile}.json'
-        if path.exists() and not fresh:
-            for s, r in other_machines(json.loads(path.read_text()), here).items():
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if not fresh:
+            for s, r in other_machines(old, here).items():
                 if set(r) == set(next(iter(runs.values()))): runs[s] = r
                 else: print(f"{name}: leaving out the runs of {s!r}, which wrote other metrics (rerun there)")
         base = calibrated(runs, margin)
-
+        for k, b in base.items(): # a renamed metric keeps its old name beside it
+            if 'renamed_from' in old.get(k, {}): b['renamed_from'] = old[k]['renamed_from']
         _write_baseline(name, profile, base)
         rows += [dict(notebook=name, profile=profile, metric=k, **{x: b[x] for x in ('value', 'spread', 'tol')})
                  for k, b in base.items()]

@@ -83,12 +83,15 @@ def attention_scores(mod, h:torch.Tensor, pe, # an attention module; its normed 
     k = mod.k_proj(h).view(1, T, -1, mod.head_dim).transpose(1, 2)
     if hasattr(mod, 'k_norm'): k = mod.k_norm(k)
     k = sys.modules[type(mod).__module__].apply_rotary_pos_emb(k, k, cos, sin)[0].double() # [1, Hkv, T, d]
+    # the queries are projected in one call and only the float64 part is chunked: float32 kernels may round a row
+    # differently with other rows beside it (AVX-512/AMX block by rows), so chunked projections moved the result
+    a = T - 1 if rows == 'last' else 0
+    qs = queries(mod, h[:, a:], (cos[:, a:], sin[:, a:])).double() # [1, Hq, T - a, d]
     pos, out = torch.arange(T), torch.zeros(T, dtype=torch.float64)
-    for s in ([T - 1] if rows == 'last' else range(0, T, chunk)):
-        e = T if rows == 'last' else min(T, s + chunk)
-        q = queries(mod, h[:, s:e], (cos[:, s:e], sin[:, s:e])).double() # [1, Hq, t, d]
-        Hq, Hkv = q.shape[1], k.shape[1]
-        logits = q.view(1, Hkv, Hq // Hkv, e - s, -1) @ k[:, :, None].transpose(-1, -2) * mod.scaling # [1,Hkv,g,t,T]
+    for s in range(a, T, chunk):
+        e = min(T, s + chunk)
+        q, Hq, Hkv = qs[:, :, s - a:e - a], qs.shape[1], k.shape[1]
+        logits = q.reshape(1, Hkv, Hq // Hkv, e - s, -1) @ k[:, :, None].transpose(-1, -2) * mod.scaling # [1,Hkv,g,t,T]
         p = logits.masked_fill(pos[None, :] > pos[s:e, None], float('-inf')).softmax(-1)
         out += p.sum((0, 1, 2, 3)) / Hq
     return out / (1 if rows == 'last' else T)

@@ -122,7 +122,7 @@ class Study:
         return pd.DataFrame(rows).drop(columns=['config'])
 
 # %% ../nbs/08_study.ipynb #41294c51
-# the modules that define methods and tasks (a module a study imports is found through it as well)
+# the modules that define methods and tasks: the registries import them all
 STUDY_MODULES = ('methods', 'tasks', 'encoders', 'quant.methods', 'quant.study', 'quant.peers', 'kv.methods',
                  'kv.study', 'kv.peers', 'tokens.vision', 'tokens.text', 'tokens.study', 'sparse.methods',
                  'sparse.study')

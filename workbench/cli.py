@@ -4,20 +4,20 @@
 
 # %% ../nbs/09_cli.ipynb #5ffffd30
 from __future__ import annotations
-import argparse, hashlib, importlib, json, os, platform, re, statistics, sys, time
+import argparse, hashlib, importlib, json, os, statistics, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
-from .core import WorkbenchError, best_times, check_choice
+from .core import WorkbenchError, best_times, check_choice, machine
 from .models import cache_dir
 
 # %% auto #0
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'AVX2_SSE42', 'COMPILES', 'FLOOR',
            'GPU_METHODS', 'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression',
-           'regress', 'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'machine', 'other_machines',
-           'calibrate', 'demo', 'plain_perplexity', 'bench_eval', 'versions', 'relative_difference', 'device_rows',
-           'flex_rows', 'bench_gpu', 'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name',
-           'bench_call', 'run_bench', 'parser', 'main']
+           'regress', 'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'other_machines', 'calibrate', 'demo',
+           'plain_perplexity', 'bench_eval', 'versions', 'relative_difference', 'device_rows', 'flex_rows', 'bench_gpu',
+           'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench',
+           'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -137,14 +137,6 @@ def resumable_run(name:str, profile:str, out_dir:Path, **setting) -> dict:
         return json.loads(metrics.read_text())
     result = run_regression(name, profile, out_dir, **setting)
     stamp.write_text(code); return result
-
-def machine() -> str:
-    "This CPU's model and widest vector unit, e.g. 'AMD EPYC, AVX2': the label of the runs calibrated here."
-    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
-    field = lambda k: (re.search(rf'^{k}\s*:\s*(.+)$', info, re.M) or [None, ''])[1].strip()
-    flags = set(field('flags').split())
-    isa = next((n for f, n in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('sse4_2', 'SSE4.2')) if f in flags), '')
-    return ', '.join(x for x in (field('model name') or platform.machine(), isa) if x)
 
 
 def other_machines(baseline:dict, # a stored baseline (`calibrated`)

@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_core.ipynb #77105444
 from __future__ import annotations
-import atexit, hashlib, json, math, os, shutil, tempfile
+import atexit, hashlib, json, math, os, platform, re, shutil, tempfile
 from contextlib import contextmanager, ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 # %% auto #0
 __all__ = ['SLOTS', 'FAMILIES', 'private_inductor_dir', 'WorkbenchError', 'check_choice', 'Knob', 'LM', 'Method', 'Stack',
-           'stack', 'Task', 'config_hash', 'threads', 'best_times', 'best_time', 'print_row']
+           'stack', 'Task', 'config_hash', 'threads', 'best_times', 'best_time', 'print_row', 'machine']
 
 # %% ../nbs/00_core.ipynb #a7c3e1d1
 def private_inductor_dir() -> str:
@@ -250,3 +251,13 @@ def best_time(f:Callable, repeats:int=3, warmup:bool=True) -> float: # as in `be
 def print_row(row:dict):
     "Print a benchmark's row as it is measured, on one line: `name=value`, floats to 4 significant digits."
     print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()), flush=True)
+
+# %% ../nbs/00_core.ipynb #cccaa7fb
+def machine() -> str:
+    "This CPU's model and widest vector unit, e.g. 'AMD EPYC, AVX2': the label of the runs calibrated here."
+    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
+    field = lambda k: (re.search(rf'^{k}\s*:\s*(.+)$', info, re.M) or [None, ''])[1].strip()
+    flags = set(field('flags').split())
+    isa = next((n for f, n in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('sse4_2', 'SSE4.2')) if f in flags), '')
+    return ', '.join(x for x in (field('model name') or platform.machine(), isa) if x)
+

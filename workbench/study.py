@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd, torch, transformers
 from tqdm.auto import tqdm
 import workbench
-from .core import FAMILIES, LM, Method, Stack, Task, WorkbenchError, check_choice, config_hash
+from .core import FAMILIES, LM, Method, Stack, Task, WorkbenchError, check_choice, config_hash, machine
 from .models import load, facts, cache_dir
 from .ledger import weight_bytes, ledger_row
 
 # %% auto #0
-__all__ = ['STUDY_MODULES', 'SPEC_KEYS', 'SPLIT_KEYS', 'grid', 'versions', 'as_stack', 'theory', 'run_one', 'Study',
-           'import_studies', 'method_registry', 'task_registry', 'spec_split', 'study_from_spec', 'family_grid',
-           'compute_dtypes']
+__all__ = ['PROVENANCE', 'STUDY_MODULES', 'SPEC_KEYS', 'SPLIT_KEYS', 'grid', 'versions', 'as_stack', 'theory', 'run_one',
+           'study_row', 'write_row', 'Study', 'import_studies', 'method_registry', 'task_registry', 'spec_split',
+           'study_from_spec', 'family_grid', 'compute_dtypes']
 
 # %% ../nbs/08_study.ipynb #b6681e9f
 def grid(method_cls, **values) -> list:
@@ -61,6 +61,26 @@ def run_one(lm:LM, method, task:Task, ref=None, base:dict=None) -> dict:
 
                 context_tokens=tokens, wall_s=wall)
 
+# %% ../nbs/08_study.ipynb #7047e2bc
+PROVENANCE = ('wall_s', 'threads', 'machine') # how long and where a row ran: not in its config or hash, never compared
+
+def study_row(lm:LM, method, task:Task, ref, base:dict|None, # as `run_one` takes them
+              key:str, cfg:dict) -> dict: # the row's config hash and config (`Study.config`)
+    "One finished study row: the method and its knobs, metrics and ledger, task, versions, provenance and config."
+    stack_ = as_stack(method)
+    families = '+'.join(dict.fromkeys(x.family for x in stack_.methods)) or 'baseline'
+    return dict(model=lm.name, method=stack_.name, family=families,
+                model_dtype=str(lm.dtype)[6:], device=lm.device.type, # `dtype` is a knob's
+                **{k: v for x in stack_.methods for k, v in x.values.items()},
+                **run_one(lm, method, task, ref, base), task=task.name,
+                **{f'task_{k}': v for k, v in task.describe().items() if k != 'task'},
+                **versions(), threads=torch.get_num_threads(), machine=machine(), config_hash=key, config=cfg)
+
+def write_row(path:Path, row:dict):
+    "Write `row` atomically: a temporary file of this process, then a rename (a reader never sees half a row)."
+    tmp = path.with_suffix(f'.{os.getpid()}.tmp'); tmp.write_text(json.dumps(row, default=str)); os.replace(tmp, path)
+
+
 # %% ../nbs/08_study.ipynb #2eb9e8f1
 class Study:
     "Model x methods x task -> tidy DataFrame, cached on disk and resumable."
@@ -75,7 +95,8 @@ class Study:
         self.methods = [None] + [m for m in methods if m is not None]
         self.task, self.name = task, name
         self.dir = Path(root or cache_dir()/'studies')/name
-        self.computed = 0 # rows computed (not read from disk) by the last run
+        self.source = None if isinstance(model, LM) else (str(model), dtype, device) # how a worker loads it
+        self.computed, self.failures = 0, [] # by the last run: rows computed (not read), rows that raised
 
     def config(self, method) -> dict:
         "Everything that determines a row (dtype and device when they are not float32 on the CPU)."
@@ -95,31 +116,49 @@ class Study:
             warnings.warn(f"result file {path.name} of study {self.name!r} is corrupted ({e}); recomputing it")
             return None
 
-    def _write(self, path:Path, row:dict):
-        tmp = path.with_suffix('.tmp'); tmp.write_text(json.dumps(row, default=str)); os.replace(tmp, path)
+    def todo(self) -> list:
+        "(method, config, config hash, row file) of each configuration, baseline first."
+        cfgs = [(m, self.config(m)) for m in self.methods]
+        return [(m, cfg, k, self.dir/f'{k}.json') for m, cfg in cfgs for k in [config_hash(cfg)]]
 
-    def run(self, progress=True) -> pd.DataFrame:
-        "Compute the missing rows (baseline first) and return all rows as a DataFrame."
+    def _compute(self, item:tuple, ref, base:dict|None) -> dict:
+        m, cfg, key, path = item
+        row = study_row(self.lm, m, self.task, ref, base, key, cfg); write_row(path, row); return row
+
+    def _try(self, item:tuple, ref, base:dict) -> tuple:
+        "(row, None), or (None, the error) when the row raised."
+        try: return self._compute(item, ref, base), None
+        except Exception as e: return None, f'{type(e).__name__}: {e}'
+
+    def run(self, progress=True,
+            workers:int|None=None, # compute the rows on a local Dask cluster of this many single-threaded processes
+            client=None) -> pd.DataFrame: # or on this Dask `distributed.Client` (a remote scheduler, Slurm, ...)
+        "Compute the missing rows (baseline first, here) and return all finished rows as a DataFrame."
         self.task.check(self.lm); self.dir.mkdir(parents=True, exist_ok=True)
-        rows, ref, base, self.computed = [], None, None, 0
-        for m in tqdm(self.methods, desc=self.name, disable=not progress):
-            cfg = self.config(m); key = config_hash(cfg); path = self.dir/f'{key}.json'
-            row = self._read(path, key)
-            if row is None:
-                if ref is None: ref = self.task.reference(self.lm)
-                stack_ = as_stack(m)
-                families = '+'.join(dict.fromkeys(x.family for x in stack_.methods)) or 'baseline'
-                row = dict(model=self.lm.name, method=stack_.name, family=families,
-                           model_dtype=str(self.lm.dtype)[6:], device=self.lm.device.type, # `dtype` is a knob's
+        todo = self.todo(); rows = [self._read(path, key) for _, _, key, path in todo]
+        self.computed, self.failures = 0, []
+        missing = [i for i, r in enumerate(rows) if r is None]
+        ref = self.task.reference(self.lm) if missing else None
+        if rows[0] is None: rows[0] = self._compute(todo[0], ref, None); self.computed += 1
+        base, missing = dict(weights=rows[0]['weight_bytes'], kv=rows[0]['kv_bytes']), [i for i in missing if i]
+        if workers is None and client is None:
+            results = ((i, *self._try(todo[i], ref, base)) for i in tqdm(missing, desc=self.name, disable=not progress))
+        else:
+            from workbench.cluster import dask_rows
+            done = dask_rows(self, [todo[i] for i in missing], ref, base, workers, client, progress)
+            results = ((missing[j], row, error) for j, row, error in done)
+        for i, row, error in results:
+            if error is None: rows[i] = row; self.computed += 1
+            else: self.failures.append(dict(method=as_stack(todo[i][0]).name, config_hash=todo[i][2], error=error))
+        if self.failures: warnings.warn(self.failure_summary())
+        return pd.DataFrame([r for r in rows if r is not None]).drop(columns=['config'])
 
-                           **{k: v for x in stack_.methods for k, v in x.values.items()},
-                           **run_one(self.lm, m, self.task, ref, base), task=self.task.name,
-                           **{f'task_{k}': v for k, v in self.task.describe().items() if k != 'task'},
-                           **versions(), config_hash=key, config=cfg)
-                self._write(path, row); self.computed += 1
-            if m is None: base = dict(weights=row['weight_bytes'], kv=row['kv_bytes'])
-            rows.append(row)
-        return pd.DataFrame(rows).drop(columns=['config'])
+    def failure_summary(self) -> str:
+        "The rows of the last run that failed, with their errors (they are not cached: a rerun retries them)."
+        lines = [f"  {f['method']}: {f['error']}" for f in self.failures]
+        return (f"{len(self.failures)} of {len(self.methods)} rows of study {self.name!r} failed and were not cached "
+                "(a rerun retries them):\n" + '\n'.join(lines))
+
 
 # %% ../nbs/08_study.ipynb #41294c51
 # the modules that define methods and tasks: the registries import them all

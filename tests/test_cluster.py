@@ -81,3 +81,31 @@ def test_smollm2_rows_on_workers_match_in_process(client, tmp_path):
     on_dask = remote.run(client=client, progress=False)
     torch.set_num_threads(2)
     same_rows(on_dask, Study(remote.lm, methods, task, name='here', root=tmp_path).run(progress=False))
+
+SPEC = '''name = "cli"
+model = "smollm2-135m"
+task = {name = "perplexity", tokens = 128, window = 128, chunk = 32}
+[[methods]]
+name = "LocalWindow"
+window = [16, 64]
+[[methods]]
+name = "HalfKV"
+dtype = "float16"
+'''
+
+def test_workbench_run_with_workers_writes_the_same_rows(tmp_path):
+    import pandas as pd
+    from workbench.cli import main
+    (tmp_path/'spec.toml').write_text(SPEC)
+    for engine, more in (('dask', ['--workers', '2']), ('here', [])):
+        csv = str(tmp_path/f'{engine}.csv')
+        assert main(['run', str(tmp_path/'spec.toml'), '--root', str(tmp_path/engine), '--csv', csv, *more]) == 0
+    on_dask, here = pd.read_csv(tmp_path/'dask.csv'), pd.read_csv(tmp_path/'here.csv')
+    assert len(here) == 4 and set(on_dask.threads[1:]) == {1}
+    same_rows(on_dask, here)
+
+@pytest.mark.slow
+def test_regress_runs_notebooks_on_workers(tmp_path):
+    from workbench.cli import regress
+    table = regress(['smollm2_baseline', 'stacks'], profile='smoke', out_dir=tmp_path, threads=1, workers=2)
+    assert set(table.notebook) == {'smollm2_baseline', 'stacks'} and not table.drift.any(), table[table.drift]

@@ -14,10 +14,10 @@ from .models import cache_dir
 # %% auto #0
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'AVX2_SSE42', 'COMPILES', 'FLOOR',
            'GPU_METHODS', 'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression',
-           'regress', 'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'other_machines', 'calibrate', 'demo',
-           'plain_perplexity', 'bench_eval', 'versions', 'relative_difference', 'device_rows', 'flex_rows', 'bench_gpu',
-           'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench',
-           'parser', 'main']
+           'regression_runs', 'regress', 'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'other_machines',
+           'calibrate', 'demo', 'plain_perplexity', 'bench_eval', 'versions', 'relative_difference', 'device_rows',
+           'flex_rows', 'bench_gpu', 'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name',
+           'bench_call', 'run_bench', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -86,12 +86,24 @@ def _write_baseline(name, profile, metrics):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + '\n')
 
+def regression_runs(names:list, profile:str='smoke', out_dir=None, threads:int|None=1,
+                    workers:int|None=None) -> dict: # run this many notebooks at once, on a local Dask cluster
+    "Each notebook's metrics by name: one notebook after another here, or `workers` at a time on Dask workers."
+    if not workers: return {n: run_regression(n, profile, out_dir, threads) for n in names}
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+    from workbench.cluster import dask_client
+    with dask_client(workers) as c:
+        futures = {c.submit(run_regression, n, profile, out_dir, threads, pure=False): n for n in names}
+        done = {futures[f]: f.result() for f in tqdm(as_completed(futures), total=len(names), desc='regress')}
+    return {n: done[n] for n in names}
+
 def regress(names=None, profile:str='smoke', update_baseline:bool=False, out_dir=None,
-            threads:int|None=1) -> pd.DataFrame: # the notebook kernels' threads
+            threads:int|None=1, # the notebook kernels' threads
+            workers:int|None=None) -> pd.DataFrame: # notebooks run at once on a local Dask cluster (None: in turn)
     "Run regression notebooks (all by default) and compare with their baselines; `update_baseline` rewrites them."
-    tables = []
-    for name in names or list(regression_notebooks()):
-        metrics = run_regression(name, profile, out_dir, threads)
+    tables, names = [], names or list(regression_notebooks())
+    for name, metrics in regression_runs(names, profile, out_dir, threads, workers).items():
         path = BASELINES/f'{name}.{profile}.json'
         if update_baseline: _write_baseline(name, profile, metrics)
         if not path.exists(): raise WorkbenchError(f"no baseline {path.name} for {name!r} ({profile}); create it with: "
@@ -320,7 +332,8 @@ BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:
            'kv': 'workbench.kv.study:bench',
            'sparse': 'workbench.sparse.study:bench',
            'tokens': 'workbench.tokens.study:bench',
-           'gpu': 'workbench.cli:bench_gpu'}
+           'gpu': 'workbench.cli:bench_gpu',
+           'workers': 'workbench.cluster:bench_workers'}
 
 
 def bench_function(path): # 'module:function', or the function itself
@@ -401,6 +414,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument('--out', default='workbench-demo.html'); d.add_argument('--tokens', type=int, default=2048)
     d.add_argument('--dtype', default='float32', help="the model's dtype: float32, bfloat16 or float16")
     r = sub.add_parser('run', help='run a study from a TOML spec file'); r.add_argument('spec'); r.add_argument('--csv')
+    r.add_argument('--workers', type=int, help='compute the rows on a local Dask cluster of this many processes')
+    r.add_argument('--scheduler', help="or on the Dask cluster of this scheduler address ('tcp://host:8786')")
+    r.add_argument('--root', help="where the study's rows are cached (default: $WORKBENCH_CACHE/studies)")
     r.add_argument('--dtype', help="float32, bfloat16 or float16 (default: the spec's, else float32)")
     r.add_argument('--device', help="where it runs: cpu, cuda, cuda:N (default: the spec's, else cpu)")
     g = sub.add_parser('regress', help='rerun regression notebooks and compare with their baselines')
@@ -413,6 +429,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument('--fresh', action='store_true', help="with --calibrate: drop other machines' runs (numbers changed)")
 
     g.add_argument('--threads', type=int, default=1, help='torch and BLAS threads of the notebook kernels (default 1)')
+    g.add_argument('--workers', type=int, help='run this many notebooks at once on a local Dask cluster')
     e = sub.add_parser('peers', help="install a peer library's own environment: workbench peers install kvpress")
     e.add_argument('action', choices=['install']); e.add_argument('name', choices=['kvpress'])
     o = sub.add_parser('docs', help='build the docs site from the notebooks (offline), ready to publish')
@@ -441,12 +458,18 @@ def main(argv=None) -> int:
             print(f"\nreport: {a.out}  ({time.perf_counter() - t0:.0f} s)"); return 0
         if a.cmd == 'run':
             from workbench.study import study_from_spec
-            df = study_from_spec(a.spec, dtype=a.dtype, device=a.device).run(); _print(df)
+            from workbench.cluster import dask_client
+            study = study_from_spec(a.spec, a.root, dtype=a.dtype, device=a.device)
+            if a.scheduler or a.workers:
+                with dask_client(a.workers, a.scheduler) as client: df = study.run(client=client)
+            else: df = study.run()
+            _print(df)
             if a.csv: df.to_csv(a.csv, index=False)
-            return 0
+            if study.failures: print(f"\n{study.failure_summary()}", file=sys.stderr)
+            return 1 if study.failures else 0
         if a.cmd == 'regress':
             if a.calibrate: _print(calibrate(a.names or None, a.profile, fresh=a.fresh)); return 0
-            t = regress(a.names or None, a.profile, a.update_baseline, threads=a.threads); _print(t)
+            t = regress(a.names or None, a.profile, a.update_baseline, threads=a.threads, workers=a.workers); _print(t)
             bad = t[t.drift]
             drift = '' if bad.empty else f"; DRIFT: {', '.join(bad.metric)}"
             print(f"\n{len(t) - len(bad)} of {len(t)} metrics within tolerance" + drift)

@@ -98,17 +98,19 @@ def bench_workers(workers:int=2, # Dask worker processes of one thread, against 
                   tokens:int=1024, # tokens of `eval` per row, in 512-token windows fed in 128-token chunks
                   methods=None, # default: `bench_grid()`
                   progress:bool=True) -> pd.DataFrame:
-    "Wall time of one SmolLM2 study grid in one process on `workers` threads and on `workers` Dask workers."
+    "Wall time of one SmolLM2 study grid in one process (`workers` threads, then 1) and on `workers` Dask workers."
     from workbench.study import Study
     from workbench.tasks import Perplexity
     methods, task, out = methods or bench_grid(), Perplexity(tokens=tokens, window=512, chunk=128), []
-    with tempfile.TemporaryDirectory() as root, threads(workers):
-        for engine, kw in (('1 process', {}), (f'{workers} Dask workers', dict(workers=workers))):
+    engines = [(f'1 process, {workers} threads', workers, {}), ('1 process, 1 thread', 1, {}),
+               (f'{workers} Dask workers, 1 thread each', workers, dict(workers=workers))]
+    with tempfile.TemporaryDirectory() as root:
+        for engine, n, kw in engines:
             t0 = time.perf_counter()
-            df = Study('smollm2-135m', methods, task, name=engine, root=root).run(progress=progress, **kw)
+            with threads(n): df = Study('smollm2-135m', methods, task, name=engine, root=root).run(progress, **kw)
             total, rows = time.perf_counter() - t0, df.wall_s[1:]
-            out.append(dict(engine=engine, rows=len(rows), threads_per_process=int(df.threads[1:].max()),
-                            total_s=total, row_s=rows.mean(), fixed_s=total - rows.sum() / (workers if kw else 1)))
+            out.append(dict(engine=engine, rows=len(rows), total_s=total, row_s=rows.mean(),
+                            fixed_s=total - rows.sum() / (workers if kw else 1)))
     out = pd.DataFrame(out)
     return out.assign(speedup=out.total_s[0] / out.total_s)
 

@@ -79,6 +79,8 @@ def test_smollm2_rows_on_workers_match_in_process(client, tmp_path):
     task, methods = Perplexity(tokens=512, window=512, chunk=128), [RTN(bits=3), StreamingLLM(ratio=0.5)]
     remote = Study('smollm2-135m', methods, task, name='dask', root=tmp_path)
     on_dask = remote.run(client=client, progress=False)
+    loaded = client.run(lambda: sorted(str(s) for s in __import__('workbench.cluster').cluster._MODELS))
+    assert all(v in ([], [str(remote.source)]) for v in loaded.values()), loaded # loaded once, kept per worker
     torch.set_num_threads(2)
     same_rows(on_dask, Study(remote.lm, methods, task, name='here', root=tmp_path).run(progress=False))
 

@@ -100,20 +100,23 @@ def dask_rows(study, # the `Study`
 
 
 # %% ../nbs/08a_cluster.ipynb #a0b11d79
-def bench_grid() -> list:
-    "The 8 rows `bench_workers` times: weight quantization, KV quantization and four eviction policies."
+def bench_grid(rows:int=8) -> list: # at most 24
+    "The rows `bench_workers` times: weight and KV quantization, then four eviction policies at one ratio after another."
     from workbench.quant.methods import RTN
     from workbench.kv.methods import KIVI, StreamingLLM, H2O, TOVA, SnapKV
-    return [RTN(bits=4), RTN(bits=3), KIVI(bits=2), KIVI(bits=4), StreamingLLM(), H2O(), TOVA(), SnapKV()]
+    methods = [RTN(bits=4), RTN(bits=3), KIVI(bits=2), KIVI(bits=4)]
+    methods += [c(ratio=r) for r in (0.5, 0.25, 0.75, 0.9, 0.1) for c in (StreamingLLM, H2O, TOVA, SnapKV)]
+    if not 1 <= rows <= len(methods): raise WorkbenchError(f"rows={rows} must be in [1, {len(methods)}]")
+    return methods[:rows]
 
 def bench_workers(workers:int=2, # Dask worker processes of one thread, against one process on this many threads
                   tokens:int=1024, # tokens of `eval` per row, in 512-token windows fed in 128-token chunks
-                  methods=None, # default: `bench_grid()`
+                  rows:int=8, # rows of `bench_grid` (at most 24)
                   progress:bool=True) -> pd.DataFrame:
     "Wall time of one SmolLM2 study grid in one process (`workers` threads, then 1) and on `workers` Dask workers."
     from workbench.study import Study
     from workbench.tasks import Perplexity
-    methods, task, out = methods or bench_grid(), Perplexity(tokens=tokens, window=512, chunk=128), []
+    methods, task, out = bench_grid(rows), Perplexity(tokens=tokens, window=512, chunk=128), []
     engines = [(f'1 process, {workers} threads', workers, {}), ('1 process, 1 thread', 1, {}),
                (f'{workers} Dask workers, 1 thread each', workers, dict(workers=workers))]
     with tempfile.TemporaryDirectory() as root:

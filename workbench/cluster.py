@@ -84,24 +84,23 @@ def _one_copy(client, x):
 def dask_rows(study, # the `Study`
               todo:list, # entries of `study.todo()` to compute
               ref, base:dict, # the task's baseline reference and the baseline's bytes
-              workers:int|None=None, client=None, # a new LocalCluster, or this client
+              client, # a `distributed.Client` (`dask_client`)
               progress=True):
     "Compute `todo` on Dask; yield (position in `todo`, row, None) or (position, None, error) as each finishes."
     from distributed import as_completed
-    with dask_client(workers, client=client) as c:
-        if progress and dashboard_link(c): print(f"Dask dashboard: {dashboard_link(c)}")
-        source = study.source or _one_copy(c, study.lm)
-        ref, splits = _one_copy(c, ref), _one_copy(c, (dict(data.SPLITS), dict(data.TEXTS)))
-        futures = {c.submit(remote_row, source, item, study.task, ref, base, splits, pure=False): j
-                   for j, item in enumerate(todo)}
-        for f in tqdm(as_completed(futures), total=len(futures), desc=study.name, disable=not progress):
-            if f.status == 'finished': yield futures[f], f.result(), None
-            else: e = f.exception(); yield futures[f], None, f'{type(e).__name__}: {e}'
+    if progress and dashboard_link(client): print(f"Dask dashboard: {dashboard_link(client)}")
+    source = study.source or _one_copy(client, study.lm)
+    ref, splits = _one_copy(client, ref), _one_copy(client, (dict(data.SPLITS), dict(data.TEXTS)))
+    futures = {client.submit(remote_row, source, item, study.task, ref, base, splits, pure=False): j
+               for j, item in enumerate(todo)}
+    for f in tqdm(as_completed(futures), total=len(futures), desc=study.name, disable=not progress):
+        if f.status == 'finished': yield futures[f], f.result(), None
+        else: e = f.exception(); yield futures[f], None, f'{type(e).__name__}: {e}'
 
 
 # %% ../nbs/08a_cluster.ipynb #a0b11d79
 def bench_grid(rows:int=8) -> list: # at most 24
-    "The rows `bench_workers` times: weight and KV quantization, then four eviction policies at one ratio after another."
+    "The rows `bench_workers` times: weight and KV quantization, then four eviction policies, one ratio at a time."
     from workbench.quant.methods import RTN
     from workbench.kv.methods import KIVI, StreamingLLM, H2O, TOVA, SnapKV
     methods = [RTN(bits=4), RTN(bits=3), KIVI(bits=2), KIVI(bits=4)]

@@ -5,6 +5,7 @@
 # %% ../nbs/08_study.ipynb #d87923f5
 from __future__ import annotations
 import importlib, itertools, json, os, platform, time, tomllib, warnings
+from contextlib import nullcontext
 from pathlib import Path
 import pandas as pd, torch, transformers
 from tqdm.auto import tqdm
@@ -134,22 +135,23 @@ class Study:
             workers:int|None=None, # compute the rows on a local Dask cluster of this many single-threaded processes
             client=None) -> pd.DataFrame: # or on this Dask `distributed.Client` (a remote scheduler, Slurm, ...)
         "Compute the missing rows (baseline first, here) and return all finished rows as a DataFrame."
+        from workbench.cluster import dask_client, dask_rows
         self.task.check(self.lm); self.dir.mkdir(parents=True, exist_ok=True)
         todo = self.todo(); rows = [self._read(path, key) for _, _, key, path in todo]
         self.computed, self.failures = 0, []
         missing = [i for i, r in enumerate(rows) if r is None]
-        ref = self.task.reference(self.lm) if missing else None
-        if rows[0] is None: rows[0] = self._compute(todo[0], ref, None); self.computed += 1
-        base, missing = dict(weights=rows[0]['weight_bytes'], kv=rows[0]['kv_bytes']), [i for i in missing if i]
-        if workers is None and client is None:
-            results = ((i, *self._try(todo[i], ref, base)) for i in tqdm(missing, desc=self.name, disable=not progress))
-        else:
-            from workbench.cluster import dask_rows
-            done = dask_rows(self, [todo[i] for i in missing], ref, base, workers, client, progress)
-            results = ((missing[j], row, error) for j, row, error in done)
-        for i, row, error in results:
-            if error is None: rows[i] = row; self.computed += 1
-            else: self.failures.append(dict(method=as_stack(todo[i][0]).name, config_hash=todo[i][2], error=error))
+        on_dask = (workers is not None or client is not None) and any(missing)
+        with dask_client(workers, client=client) if on_dask else nullcontext() as dask: # workers start meanwhile
+            ref = self.task.reference(self.lm) if missing else None
+            if rows[0] is None: rows[0] = self._compute(todo[0], ref, None); self.computed += 1
+            base, missing = dict(weights=rows[0]['weight_bytes'], kv=rows[0]['kv_bytes']), [i for i in missing if i]
+            if dask is None: results = ((i, *self._try(todo[i], ref, base))
+                                        for i in tqdm(missing, desc=self.name, disable=not progress))
+            else: results = ((missing[j], row, error) for j, row, error
+                             in dask_rows(self, [todo[i] for i in missing], ref, base, dask, progress))
+            for i, row, error in results:
+                if error is None: rows[i] = row; self.computed += 1
+                else: self.failures.append(dict(method=as_stack(todo[i][0]).name, config_hash=todo[i][2], error=error))
         if self.failures: warnings.warn(self.failure_summary())
         return pd.DataFrame([r for r in rows if r is not None]).drop(columns=['config'])
 

@@ -193,7 +193,8 @@ def demo(out:Path=Path('workbench-demo.html'), # the HTML report
     "Run the headline study, write the HTML report to `out`, and return the table."
     from workbench.stacks import (headline, headline_chart, family_bars, budget_table, scenario_table, SHAPES,
                                   SCENARIOS, HEADLINE_COLUMNS)
-    from workbench.viz import report_html
+    from workbench.viz import report_html, readable
+    from workbench.study import terminal_table
     df = headline(tokens, methods, name=name, root=root, progress=progress, dtype=dtype)
     table = df[HEADLINE_COLUMNS]
     notes = (f"SmolLM2-135M-Instruct (Q4_1-dequantized, {dtype}) on split 'eval': Pride and Prejudice from character "
@@ -203,11 +204,11 @@ def demo(out:Path=Path('workbench-demo.html'), # the HTML report
              "and read per decoding step of Llama-3-70B from its config numbers, with the roofline speed on an H100's "
              "spec-sheet bandwidth.")
     more = {'Best measured configuration under a budget (fraction of the baseline bytes)':
-                budget_table(df, (0.4, 0.35, 0.33)),
+                readable(budget_table(df, (0.4, 0.35, 0.33))),
             'Model, not measurement: Llama-3-70B, 32,768 tokens of context, batch 8':
-                scenario_table(SHAPES['llama-3-70b'], 32_768, 8, SCENARIOS)}
-    report_html(out, 'workbench demo: all families and stacks on SmolLM2', table, [headline_chart(df), family_bars(df)],
-                notes, more)
+                readable(scenario_table(SHAPES['llama-3-70b'], 32_768, 8, SCENARIOS))}
+    report_html(out, 'workbench demo: all families and stacks on SmolLM2', terminal_table(df),
+                [headline_chart(df), family_bars(df, 'label')], notes, more, details=df.method)
 
     return table
 
@@ -454,16 +455,18 @@ def main(argv=None) -> int:
             for n in (list(REGISTRY) if a.name == 'all' else [a.name]): install(n)
             return 0
         if a.cmd == 'demo':
-            t0 = time.perf_counter(); table = demo(Path(a.out), a.tokens, dtype=a.dtype); _print(table)
+            from workbench.study import terminal_table, print_table
+            t0 = time.perf_counter(); table = demo(Path(a.out), a.tokens, dtype=a.dtype)
+            print_table(terminal_table(table))
             print(f"\nreport: {a.out}  ({time.perf_counter() - t0:.0f} s)"); return 0
         if a.cmd == 'run':
-            from workbench.study import study_from_spec
+            from workbench.study import study_from_spec, terminal_table, print_table
             from workbench.cluster import dask_client
             study = study_from_spec(a.spec, a.root, dtype=a.dtype, device=a.device)
             if a.scheduler or a.workers:
                 with dask_client(a.workers, a.scheduler) as client: df = study.run(client=client)
             else: df = study.run()
-            _print(df)
+            print_table(terminal_table(df))
             if a.csv: df.to_csv(a.csv, index=False)
             if study.failures: print(f"\n{study.failure_summary()}", file=sys.stderr)
             return 1 if study.failures else 0

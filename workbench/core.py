@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 # %% auto #0
-__all__ = ['SLOTS', 'FAMILIES', 'private_inductor_dir', 'WorkbenchError', 'check_choice', 'Knob', 'LM', 'Method', 'Stack',
-           'stack', 'Task', 'config_hash', 'threads', 'best_times', 'best_time', 'print_row', 'machine']
+__all__ = ['SLOTS', 'FAMILIES', 'KNOB_LABELS', 'private_inductor_dir', 'WorkbenchError', 'check_choice', 'Knob', 'LM',
+           'knob_label', 'Method', 'Stack', 'stack', 'Task', 'config_hash', 'threads', 'best_times', 'best_time',
+           'print_row', 'machine']
 
 # %% ../nbs/00_core.ipynb #a7c3e1d1
 def private_inductor_dir() -> str:
@@ -116,6 +117,17 @@ class LM:
 
 # %% ../nbs/00_core.ipynb #7d087b5f
 FAMILIES = ('quant', 'kv', 'tokens', 'sparse')
+# knob -> its short format in labels ('GPTQ 3b g64'); any other knob shows as name=value
+KNOB_LABELS = {'bits': '{}b', 'group_size': 'g{}', 'group': 'g{}', 'ratio': '{:.0%}', 'keep': 'keep {:.0%}',
+               'prune': 'prune {:.0%}', 'avg_bits': '{}b avg', 'bits_per_weight': '{} bpw', 'window': 'w{}',
+               'budget': '{} keys', 'residual': 'res {}', 'layer': '@{}', 'r': 'r{}', 'k': 'k{}', 'dtype': '{}',
+               'weights': '{}', 'keys': 'keys by {}', 'sinks': '{} sinks'}
+
+def knob_label(name:str, value) -> str:
+    "A knob's value in a short label: `KNOB_LABELS`' format for its name, else name=value ('no name' when False)."
+    if isinstance(value, bool): return name if value else f'no {name}'
+    f = KNOB_LABELS.get(name)
+    return f.format(value) if f else f'{name}={value}'
 
 class Method:
     "Base of all methods: a family, typed knobs, and `install(lm)` returning an undo."
@@ -147,6 +159,12 @@ class Method:
     def name(self):
         knobs = ', '.join(f'{k}={v}' for k, v in self.values.items())
         return type(self).__name__ + (f'({knobs})' if self.values else '')
+
+    @property
+    def label(self) -> str:
+        "Short: the class, its first knob, then the knobs that differ from their defaults ('GPTQ 3b g64')."
+        shown = [k for i, k in enumerate(self.knobs) if i == 0 or self.values[k.name] != k.default]
+        return ' '.join([type(self).__name__] + [knob_label(k.name, self.values[k.name]) for k in shown])
 
     def __repr__(self): return self.name
     def config(self) -> dict:
@@ -181,6 +199,8 @@ class Stack(Method):
     def simulated(self): return any(m.simulated for m in self.methods)
     @property
     def name(self): return ' + '.join(m.name for m in self.methods) or 'baseline'
+    @property
+    def label(self): return ' + '.join(m.label for m in self.methods) or 'baseline'
     def config(self): return {'method': 'Stack', 'family': 'stack', 'methods': [m.config() for m in self.methods]}
     def install(self, lm):
         with ExitStack() as es:

@@ -59,7 +59,8 @@ def budget_table(df:pd.DataFrame, # study rows
     for f in fractions:
         try: r = best_under(df, f * base, y, lower_is_better)
         except WorkbenchError: continue
-        rows.append(dict(budget_fraction=f, budget_bytes=int(f * base), method=r.method, family=r.family, **{y: r[y]},
+        rows.append(dict(budget_fraction=f, budget_bytes=int(f * base), method=r.method, label=r.get('label', r.method),
+                         family=r.family, **{y: r[y]},
                          weight_bytes=r.weight_bytes, kv_bytes=r.kv_bytes, total_bytes=r.total_bytes, saving=r.saving))
     return pd.DataFrame(rows)
 
@@ -160,8 +161,8 @@ def headline_methods() -> list:
     return [w4, w3, *kv, SinkWindow(sinks=4, window=252), *[[w4, k] for k in kv],
             [w4, KIVI(bits=2), H2O(ratio=0.5)], [w3, KIVI(bits=2), H2O(ratio=0.5)]]
 
-HEADLINE_COLUMNS = ['method', 'family', 'ppl', 'kl', 'top1', 'weight_bytes', 'kv_bytes', 'token_bytes', 'total_bytes',
-                    'saving', 'simulated', 'wall_s']
+HEADLINE_COLUMNS = ['method', 'label', 'family', 'ppl', 'kl', 'top1', 'weight_bytes', 'kv_bytes', 'token_bytes',
+                    'total_bytes', 'saving', 'simulated', 'wall_s']
 
 def headline(tokens:int=2048, # tokens of the eval split
              methods:list|None=None, # default: `headline_methods()`

@@ -13,11 +13,12 @@ import workbench
 from .core import FAMILIES, LM, Method, Stack, Task, WorkbenchError, check_choice, config_hash, machine
 from .models import load, facts, cache_dir
 from .ledger import weight_bytes, ledger_row
+from .viz import readable
 
 # %% auto #0
-__all__ = ['PROVENANCE', 'STUDY_MODULES', 'SPEC_KEYS', 'SPLIT_KEYS', 'grid', 'versions', 'as_stack', 'theory', 'run_one',
-           'study_row', 'write_row', 'Study', 'import_studies', 'method_registry', 'task_registry', 'spec_split',
-           'study_from_spec', 'family_grid', 'compute_dtypes']
+__all__ = ['PROVENANCE', 'QUALITY', 'STUDY_MODULES', 'SPEC_KEYS', 'SPLIT_KEYS', 'grid', 'versions', 'as_stack', 'theory',
+           'run_one', 'study_row', 'write_row', 'Study', 'terminal_table', 'print_table', 'import_studies',
+           'method_registry', 'task_registry', 'spec_split', 'study_from_spec', 'family_grid', 'compute_dtypes']
 
 # %% ../nbs/08_study.ipynb #b6681e9f
 def grid(method_cls, **values) -> list:
@@ -153,7 +154,10 @@ class Study:
                 if error is None: rows[i] = row; self.computed += 1
                 else: self.failures.append(dict(method=as_stack(todo[i][0]).name, config_hash=todo[i][2], error=error))
         if self.failures: warnings.warn(self.failure_summary())
-        return pd.DataFrame([r for r in rows if r is not None]).drop(columns=['config'])
+        done = [(m, r) for m, r in zip(self.methods, rows) if r is not None]
+        df = pd.DataFrame([r for _, r in done]).drop(columns=['config'])
+        df.insert(2, 'label', [as_stack(m).label for m, _ in done]) # short; not stored, so it may improve
+        return df
 
     def failure_summary(self) -> str:
         "The rows of the last run that failed, with their errors (they are not cached: a rerun retries them)."
@@ -161,6 +165,22 @@ class Study:
         return (f"{len(self.failures)} of {len(self.methods)} rows of study {self.name!r} failed and were not cached "
                 "(a rerun retries them):\n" + '\n'.join(lines))
 
+
+# %% ../nbs/08_study.ipynb #b1bd8006
+QUALITY = ('ppl', 'kl', 'top1', 'needle_acc', 'probe_acc', 'feature_cosine', 'emb_cosine', 'retrieval_top1')
+
+def terminal_table(df:pd.DataFrame) -> pd.DataFrame:
+    "A study's rows, short: label, family, the quality metrics present, bytes held by family, saving in percent."
+    cols = ['label', 'family', *[c for c in QUALITY if c in df], 'weight_bytes', 'kv_bytes', 'total_bytes', 'saving']
+    return readable(df[cols]).assign(simulated=df.simulated.map({True: 'yes', False: ''}))
+
+def print_table(df:pd.DataFrame):
+    "Print a table: text columns left-aligned, numbers right-aligned, floats to 4 significant digits."
+    show = lambda v: '' if v is None or v != v else f'{v:.4g}' if isinstance(v, float) else str(v)
+    cols = [[str(c)] + [show(v) for v in df[c]] for c in df.columns]
+    align = [str.rjust if pd.api.types.is_numeric_dtype(df[c]) else str.ljust for c in df.columns]
+    lines = zip(*[[a(x, max(map(len, col))) for x in col] for col, a in zip(cols, align)])
+    print('\n'.join('  '.join(line).rstrip() for line in lines))
 
 # %% ../nbs/08_study.ipynb #41294c51
 # the modules that define methods and tasks: the registries import them all

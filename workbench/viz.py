@@ -14,8 +14,8 @@ import ipywidgets as widgets
 from .core import WorkbenchError, check_choice, Knob, Method
 
 # %% auto #0
-__all__ = ['BYTE_UNITS', 'REPORT_CSS', 'byte_unit', 'fmt_bytes', 'check_columns', 'frontier', 'pareto', 'knob_widget',
-           'result_outputs', 'explore', 'report_html', 'chart_png']
+__all__ = ['BYTE_UNITS', 'REPORT_CSS', 'byte_unit', 'fmt_bytes', 'readable', 'check_columns', 'frontier', 'pareto', 'knob_widget',
+           'result_outputs', 'explore', 'html_table', 'report_html', 'chart_png']
 
 # %% ../nbs/07_viz.ipynb #18574aa6
 BYTE_UNITS = (('B', 1), ('KB', 1e3), ('MB', 1e6), ('GB', 1e9), ('TB', 1e12))
@@ -33,6 +33,15 @@ def fmt_bytes(n:float, # a number of bytes
                   (unit, dict(BYTE_UNITS)[check_choice('byte unit', unit, dict(BYTE_UNITS))]))
     v = n / size
     return f"{v:.3g} {name}" if abs(v) < 1000 else f"{v:,.0f} {name}"
+
+# %% ../nbs/07_viz.ipynb #c1175511
+def readable(t:pd.DataFrame) -> pd.DataFrame:
+    "`t` for reading: `label` in place of `method`, each `*_bytes` column in its own unit, `saving` in percent."
+    t = t.drop(columns='method', errors='ignore').rename(columns={'label': 'method'}) if 'label' in t else t.copy()
+    for c in [c for c in t.columns if c.endswith('_bytes')]:
+        unit, size = byte_unit(t[c].abs().max())
+        t = t.assign(**{c: t[c] / size}).rename(columns={c: f'{c[:-len("_bytes")]} {unit}'})
+    return t.assign(saving=100 * t.saving).rename(columns={'saving': 'saving %'}) if 'saving' in t else t
 
 # %% ../nbs/07_viz.ipynb #d8370404
 def check_columns(df:pd.DataFrame, # the table
@@ -192,27 +201,41 @@ def explore(methods, # a `Method` class, a sequence of them, or a dict name -> c
 # %% ../nbs/07_viz.ipynb #76ba5a00
 REPORT_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:.9em}th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:right}
-th{background:#f4f4f4}tr:hover td{background:#fafafa}"""
+th{background:#f4f4f4}tr:hover td{background:#fafafa}td:first-child,th:first-child{text-align:left}
+summary{cursor:pointer}details code{display:block;max-width:40em;white-space:normal;font-size:.85em;color:#555}"""
+
+def html_table(t:pd.DataFrame, # the table
+               details=None # one text per row (a list or Series): shown collapsible under the row's first cell
+              ) -> str:
+    "`t` as an HTML table: text escaped, numbers to 4 significant digits, blanks for missing values."
+    t = t.copy()
+    for c in t.columns:
+        if not pd.api.types.is_numeric_dtype(t[c]): t[c] = [v if v is None else html.escape(str(v)) for v in t[c]]
+    if details is not None:
+        t[t.columns[0]] = [f'<details><summary>{s}</summary><code>{html.escape(str(d))}</code></details>'
+                           for s, d in zip(t[t.columns[0]], details)]
+    return t.to_html(index=False, na_rep='', border=0, escape=False, float_format=lambda v: f'{v:.4g}')
 
 def report_html(path, # the HTML file to write
                 title:str, # the page title and heading
-                table:pd.DataFrame, # the results table
-                figures:list, # plotly Figures, drawn in order below the table
+                table:pd.DataFrame, # the results table, after the first figure
+                figures:list, # plotly Figures: the first above the table, the others below it
                 notes:str='', # plain text shown under the title; blank lines separate paragraphs
-                more:dict|None=None # {heading: DataFrame}: further tables, after the figures
+                more:dict|None=None, # {heading: DataFrame}: further tables, after the figures
+                details=None # each table row's full configuration, collapsible under its first cell
                ) -> Path:
-    "Write one self-contained HTML page with `title`, `notes`, `table`, `figures` and `more` tables; return its path."
+    "Write one self-contained HTML page: `title`, `notes`, a figure, `table`, the other figures, `more`; return it."
     path = Path(path)
     paras = ''.join(f"<p>{html.escape(p)}</p>" for p in notes.split('\n\n') if p.strip())
-    figs = ''.join(f.to_html(full_html=False, include_plotlyjs=i == 0) for i, f in enumerate(figures))
-    tab = lambda t: t.to_html(index=False, na_rep="", border=0)
-    extra = ''.join(f"<h2>{html.escape(h)}</h2>{tab(t)}" for h, t in (more or {}).items())
+    figs = [f.to_html(full_html=False, include_plotlyjs=i == 0) for i, f in enumerate(figures)] or ['']
+    extra = ''.join(f"<h2>{html.escape(h)}</h2>{html_table(t)}" for h, t in (more or {}).items())
     page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<style>{REPORT_CSS}</style></head>'
-            f'<body><h1>{html.escape(title)}</h1>{paras}{tab(table)}{figs}{extra}</body></html>')
+            f'<style>{REPORT_CSS}</style></head><body><h1>{html.escape(title)}</h1>{paras}{figs[0]}'
+            f'{html_table(table, details)}{"".join(figs[1:])}{extra}</body></html>')
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding='utf-8')
     return path
+
 
 # %% ../nbs/07_viz.ipynb #f98da9d3
 def chart_png(fig:go.Figure, # the chart

@@ -158,6 +158,41 @@ def test_site_in_chromium(site):
     assert r['offsite'] == [] and r['errors'] == [], r
     for f in ('index.png', 'chart.png'): assert (shots/f).stat().st_size > 10_000, f
 
+# Each study chapter's main chart, drawn from the results store: page -> (stored study, the chart's title)
+STUDY_CHARTS = {'50_stacks': ('headline', 'SmolLM2: perplexity against bytes held (weights + KV peak), all families '
+                                          'and stacks')}
+
+def test_study_charts_drawn_from_the_store(site):
+    "Each study chapter's page draws its main chart in Chromium, one point per stored row; a screenshot of each."
+    from workbench.results import stored
+    need_browser()
+    shots = site/'screenshots'; shots.mkdir(exist_ok=True)
+    port = free_port()
+    server = start([sys.executable, '-m', 'http.server', str(port), '--bind', '127.0.0.1', '--directory', str(site)],
+                   log=site.parent/'server-studies.log')
+    try:
+        wait_for(f'http://127.0.0.1:{port}/index.html', server, 30)
+        r = node('studies.mjs', f'http://127.0.0.1:{port}', shots, *[f'{p}|{t}' for p, (_, t) in STUDY_CHARTS.items()])
+    finally: stop(server)
+    for c in r['charts']:
+        rows = len(stored(STUDY_CHARTS[c['name']][0]))
+        assert not c.get('missing') and c['points'] == rows and c['drawn'] >= rows, (c, rows)
+        assert (shots/f"{c['name']}.png").stat().st_size > 10_000, c
+    assert r['offsite'] == [] and r['errors'] == [], r
+
+def test_stored_chapters_type_no_tables_of_numbers():
+    "A chapter whose study is stored draws its tables from the rows: no markdown table row of numbers remains."
+    for name in STUDY_CHARTS:
+        path = next(p for p in chapters(NBS) if page_name(NBS, p) == name)
+        for c in nbformat.read(path, as_version=4).cells:
+            rows = [l for l in c.source.splitlines() if c.cell_type == 'markdown' and re.match(r'^\s*\|.*\d.*\|\s*$', l)]
+            assert not rows, (name, rows[:3])
+
+def test_demo_report_is_published(site):
+    page = (site/'demo.html').read_text(encoding='utf-8')
+    assert 'workbench demo: all families and stacks on SmolLM2' in page and '<details><summary>' in page
+    assert 'href="demo.html"' in (site/'index.html').read_text(encoding='utf-8')
+
 @pytest.mark.e2e
 def test_jupyterlab_explore_widget(tmp_path):
     "JupyterLab runs a study notebook; moving the `keep` slider by keyboard redraws the plotly chart."

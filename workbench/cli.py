@@ -15,9 +15,9 @@ from .models import cache_dir
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'AVX2_SSE42', 'COMPILES', 'FLOOR',
            'GPU_METHODS', 'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression',
            'regression_runs', 'regress', 'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'other_machines',
-           'calibrate', 'demo', 'plain_perplexity', 'bench_eval', 'versions', 'relative_difference', 'device_rows',
-           'flex_rows', 'bench_gpu', 'bench_function', 'bench_options', 'option_value', 'cli_options', 'bench_name',
-           'bench_call', 'run_bench', 'parser', 'main']
+           'calibrate', 'demo_report', 'demo', 'demo_page', 'plain_perplexity', 'bench_eval', 'versions',
+           'relative_difference', 'device_rows', 'flex_rows', 'bench_gpu', 'bench_function', 'bench_options',
+           'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -182,6 +182,26 @@ def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0,
     return pd.DataFrame(rows)
 
 # %% ../nbs/09_cli.ipynb #0fcb34b1
+def demo_report(df:pd.DataFrame, # headline study rows (`stacks.headline`, or `results.stored('headline')`)
+                out:Path, # the HTML file to write
+                dtype:str='float32') -> Path: # the model's dtype the rows were measured in
+    "Write the headline report: the frontier, a short table, bytes by family, budget table and the Llama-3-70B model."
+    from workbench.stacks import headline_chart, family_bars, budget_table, scenario_table, SHAPES, SCENARIOS
+    from workbench.viz import report_html, readable
+    from workbench.study import terminal_table
+    notes = (f"SmolLM2-135M-Instruct (Q4_1-dequantized, {dtype}) on split 'eval': Pride and Prejudice from character "
+             f"10,000, {df.task_tokens[0]} tokens, 512-token windows fed in 128-token chunks through the KV cache, "
+             "batch 1. Bytes are measured from tensor storage (weights, and the KV cache's peak between forwards); "
+             "'simulated' marks methods that mask instead of saving bytes. Open a method to see its full "
+             "configuration.\n\nThe last table is a model, not a measurement: bytes held and read per decoding step "
+             "of Llama-3-70B from its config numbers, with the roofline speed on an H100's spec-sheet bandwidth.")
+    more = {'Best measured configuration under a budget (fraction of the baseline bytes)':
+                readable(budget_table(df, (0.4, 0.35, 0.33))),
+            'Model, not measurement: Llama-3-70B, 32,768 tokens of context, batch 8':
+                readable(scenario_table(SHAPES['llama-3-70b'], 32_768, 8, SCENARIOS))}
+    return report_html(out, 'workbench demo: all families and stacks on SmolLM2', terminal_table(df),
+                       [headline_chart(df), family_bars(df, 'label')], notes, more, details=df.method)
+
 def demo(out:Path=Path('workbench-demo.html'), # the HTML report
          tokens:int=2048, # tokens of the `eval` split
          name:str='headline', # the study's cache folder
@@ -190,27 +210,17 @@ def demo(out:Path=Path('workbench-demo.html'), # the HTML report
          methods:list|None=None, # default: `stacks.headline_methods()`
          dtype:str='float32' # the model's dtype
         ) -> pd.DataFrame:
-    "Run the headline study, write the HTML report to `out`, and return the table."
-    from workbench.stacks import (headline, headline_chart, family_bars, budget_table, scenario_table, SHAPES,
-                                  SCENARIOS, HEADLINE_COLUMNS)
-    from workbench.viz import report_html, readable
-    from workbench.study import terminal_table
+    "Run the headline study, write its report to `out` (`demo_report`), and return the table."
+    from workbench.stacks import headline, HEADLINE_COLUMNS
     df = headline(tokens, methods, name=name, root=root, progress=progress, dtype=dtype)
-    table = df[HEADLINE_COLUMNS]
-    notes = (f"SmolLM2-135M-Instruct (Q4_1-dequantized, {dtype}) on split 'eval': Pride and Prejudice from character "
-             f"10,000, {tokens} tokens, 512-token windows fed in 128-token chunks through the KV cache, batch 1. Bytes "
-             "are measured from tensor storage (weights, and the KV cache's peak between forwards); 'simulated' marks "
-             "methods that mask instead of saving bytes.\n\nThe last table is a model, not a measurement: bytes held "
-             "and read per decoding step of Llama-3-70B from its config numbers, with the roofline speed on an H100's "
-             "spec-sheet bandwidth.")
-    more = {'Best measured configuration under a budget (fraction of the baseline bytes)':
-                readable(budget_table(df, (0.4, 0.35, 0.33))),
-            'Model, not measurement: Llama-3-70B, 32,768 tokens of context, batch 8':
-                readable(scenario_table(SHAPES['llama-3-70b'], 32_768, 8, SCENARIOS))}
-    report_html(out, 'workbench demo: all families and stacks on SmolLM2', terminal_table(df),
-                [headline_chart(df), family_bars(df, 'label')], notes, more, details=df.method)
+    demo_report(df, out, dtype)
+    return df[HEADLINE_COLUMNS]
 
-    return table
+def demo_page(path:Path) -> Path:
+    "The docs site's demo page: the report of the stored headline study."
+    from workbench.results import stored
+    return demo_report(stored('headline'), path)
+
 
 # %% ../nbs/09_cli.ipynb #0bb6ee3b
 def plain_perplexity(lm, ids:torch.Tensor, window:int) -> float: # ids: [T]
@@ -438,6 +448,11 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument('--timeout', type=float, default=600, help='seconds each notebook may run')
 
     o.add_argument('--no-execute', action='store_true', help='build without running the notebooks')
+    s = sub.add_parser('studies', help='list the stored studies; recompute them (workbench studies refresh NAME|all); '
+                                       "redraw the README's headline picture from them (workbench studies png)")
+    s.add_argument('action', nargs='?', choices=['list', 'refresh', 'png'], default='list')
+    s.add_argument('name', nargs='?')
+    s.add_argument('--workers', type=int, help='compute missing rows on a local Dask cluster of this many processes')
     b = sub.add_parser('bench', help=f"benchmarks: {', '.join(BENCHES)} (workbench bench NAME --help: its options)")
     b.add_argument('what', choices=list(BENCHES))
     b.add_argument('options', nargs=argparse.REMAINDER, help="the benchmark's options: --name value (a list as a,b,c)")
@@ -478,6 +493,13 @@ def main(argv=None) -> int:
             print(f"\n{len(t) - len(bad)} of {len(t)} metrics within tolerance" + drift)
 
             return 1 if len(bad) and not a.update_baseline else 0
+        if a.cmd == 'studies':
+            from workbench.results import studies, refresh, headline_png, STORED
+            from workbench.study import print_table
+            if a.action == 'list': print_table(studies()); return 0
+            if a.action == 'png': print(f"redrew {headline_png().name}"); return 0
+            if not a.name: raise WorkbenchError(f"say which study to refresh: {', '.join(STORED)} or all")
+            print_table(refresh(a.name, a.workers)); return 0
         if a.cmd == 'peers':
             from workbench.kv.peers import install_kvpress_env
             install_kvpress_env(); return 0

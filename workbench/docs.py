@@ -20,10 +20,10 @@ from .core import WorkbenchError, Method
 
 # %% auto #0
 __all__ = ['HIDE_CELL', 'HIDE_INPUT', 'HIDE_OUTPUT', 'NO_RUN', 'STOPPED', 'PLOTLY_MIME', 'WIDGET_MIME', 'WIDGET_NOTE',
-           'project_root', 'project_settings', 'chapters', 'page_name', 'cell_tags', 'code_cell', 'exported_names',
-           'signature_line', 'params_table', 'knobs_table', 'methods_list', 'api_doc', 'prepare', 'run_notebook',
-           'run_notebooks', 'web_outputs', 'sphinx_conf', 'toc_cell', 'clear_out', 'build_docs', 'page_text',
-           'broken_links', 'external_resources']
+           'EXTRA_PAGES', 'project_root', 'project_settings', 'chapters', 'page_name', 'cell_tags', 'code_cell',
+           'exported_names', 'signature_line', 'params_table', 'knobs_table', 'methods_list', 'api_doc', 'prepare',
+           'run_notebook', 'run_notebooks', 'web_outputs', 'sphinx_conf', 'toc_cell', 'clear_out', 'build_docs',
+           'page_text', 'broken_links', 'external_resources']
 
 # %% ../nbs/90_docs.ipynb #1b78751f
 def project_root(path=None # a folder inside the project (default: the working directory)
@@ -274,6 +274,7 @@ def sphinx_conf(s:dict # the project's settings, from `project_settings`
         project=s['title'], author=s['author'], copyright=s['copyright'], language='en',
         extensions=['myst_nb'], html_theme='furo', html_title=s['title'], html_static_path=['_static'],
         html_copy_source=False, html_show_sourcelink=False, nb_execution_mode='off', nb_merge_streams=True,
+        html_extra_path=['_extra'],
         suppress_warnings=['myst.header', 'mystnb.unknown_mime_type', 'misc.highlighting_failure'],
     ).items()) + '\n'
 
@@ -293,12 +294,15 @@ def clear_out(out:Path # the site folder
     return out
 
 # %% ../nbs/90_docs.ipynb #9aec38be
+EXTRA_PAGES = {'demo.html': 'workbench.cli:demo_page'} # published beside the chapters: the demo's report
+
 def build_docs(out:Path, # the folder to write the site to: new, empty, or an earlier build
                root:Path|None=None, # the project folder (with settings.ini); default: found from the working directory
                execute:bool=True, # run the notebooks to show their outputs
                workers:int=2, # notebooks executed at once
                timeout:float=600, # seconds each notebook may run; the page of one that runs longer stops there
-               log=print # called with a line of progress
+               log=print, # called with a line of progress
+               extra:dict|None=None # {file name: 'module:function' writing it}: pages published as they are
               ) -> Path:
     "Build the documentation site from the project's notebooks into `out`, ready to publish; return `out`."
     t0, root = time.monotonic(), project_root(root)
@@ -310,7 +314,9 @@ def build_docs(out:Path, # the folder to write the site to: new, empty, or an ea
         os.environ.setdefault('HF_HUB_OFFLINE', '1') # the kernels inherit it: models load from disk only
         run_notebooks(books, None, workers, timeout, log) # each kernel in its notebook's folder, as in JupyterLab
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp)/'src'; (src/'_static').mkdir(parents=True)
+        src = Path(tmp)/'src'; (src/'_static').mkdir(parents=True); (src/'_extra').mkdir()
+        for page, fn in (EXTRA_PAGES if extra is None else extra).items():
+            mod, f = fn.split(':'); getattr(importlib.import_module(mod), f)(src/'_extra'/page)
         (src/'_static'/'plotly.min.js').write_text(get_plotlyjs(), encoding='utf-8')
         (src/'conf.py').write_text(sphinx_conf(s), encoding='utf-8')
         books[pages[0]].cells.append(toc_cell([page_name(nbs, p) for p in pages[1:]]))

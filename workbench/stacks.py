@@ -12,7 +12,8 @@ from .core import WorkbenchError
 
 # %% auto #0
 __all__ = ['LEDGER_PARTS', 'SHAPES', 'H100', 'SCENARIOS', 'HEADLINE_COLUMNS', 'stack_grid', 'family_bars', 'best_under',
-           'budget_table', 'Shape', 'memory_model', 'scenario_table', 'headline_methods', 'headline', 'headline_chart']
+           'budget_table', 'Shape', 'memory_model', 'scenario_table', 'headline_methods', 'headline_study', 'headline',
+           'headline_chart']
 
 # %% ../nbs/50_stacks.ipynb #3cb87565
 def stack_grid(*families:list) -> list:
@@ -164,16 +165,20 @@ def headline_methods() -> list:
 HEADLINE_COLUMNS = ['method', 'label', 'family', 'ppl', 'kl', 'top1', 'weight_bytes', 'kv_bytes', 'token_bytes',
                     'total_bytes', 'saving', 'simulated', 'wall_s']
 
-def headline(tokens:int=2048, # tokens of the eval split
-             methods:list|None=None, # default: `headline_methods()`
-             name:str='headline', root=None, progress=True,
-             dtype:str='float32') -> pd.DataFrame: # the model's dtype (rows of each dtype are cached apart)
-    "Run the headline study on SmolLM2 (cached and resumable) and return its rows."
+def headline_study(tokens:int=2048, # tokens of the eval split
+                   methods:list|None=None, # default: `headline_methods()`
+                   name:str='headline', root=None,
+                   dtype:str='float32'): # the model's dtype (rows of each dtype are cached apart)
+    "The headline study on SmolLM2, built (not run): perplexity on `tokens` of `eval` in 128-token chunks."
     from workbench.study import Study
     from workbench.tasks import Perplexity
     task = Perplexity(tokens=tokens, window=min(512, tokens), chunk=128)
-    study = Study('smollm2-135m', methods or headline_methods(), task, name=name, root=root, dtype=dtype)
-    return study.run(progress=progress)
+    return Study('smollm2-135m', methods or headline_methods(), task, name=name, root=root, dtype=dtype)
+
+def headline(tokens:int=2048, methods:list|None=None, name:str='headline', root=None, progress=True,
+             dtype:str='float32') -> pd.DataFrame:
+    "Run the headline study (`headline_study`; cached and resumable) and return its rows."
+    return headline_study(tokens, methods, name, root, dtype).run(progress=progress)
 
 def headline_chart(df:pd.DataFrame) -> go.Figure:
     "Perplexity (log axis) against total bytes held, coloured by family, with the Pareto frontier across families."

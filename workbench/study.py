@@ -159,6 +159,11 @@ class Study:
         df.insert(2, 'label', [as_stack(m).label for m, _ in done]) # short; not stored, so it may improve
         return df
 
+    def records(self) -> list:
+        "The finished rows of the study's configurations as cached (config included), each with its label."
+        rows = [(m, self._read(path, key)) for m, _, key, path in self.todo()]
+        return [{**row, 'label': as_stack(m).label} for m, row in rows if row is not None]
+
     def failure_summary(self) -> str:
         "The rows of the last run that failed, with their errors (they are not cached: a rerun retries them)."
         lines = [f"  {f['method']}: {f['error']}" for f in self.failures]

@@ -19,8 +19,8 @@ from .methods import KVLayer, KIVI, StreamingLLM, RecentOnly, RandomEvict, H2O, 
 from .methods import Evict, PyramidKV, ThinK
 
 # %% auto #0
-__all__ = ['QuantoKV', 'KVNeedle', 'short_name', 'bench_grid', 'bench', 'kept_positions', 'kept_heatmap', 'kv_evaluator',
-           'kv_explorer', 'study_grid', 'run_study']
+__all__ = ['QuantoKV', 'KVNeedle', 'short_name', 'bench_grid', 'bench', 'needle_rows', 'kept_positions', 'kept_heatmap',
+           'kv_evaluator', 'kv_explorer', 'study_grid', 'ppl_study', 'run_study']
 
 # %% ../../nbs/kv/21_kv_study.ipynb #cd004382
 class QuantoKV(Method):
@@ -132,6 +132,15 @@ def bench(lengths=(2048,), # needle context lengths
                            env=env, keys=keys, progress=progress)
     return pd.concat([ours, theirs], ignore_index=True)
 
+def needle_rows(trials:int=4) -> pd.DataFrame: # needle trials per setting
+    "The stored needle checks at 75% evicted: 4,096 tokens with one key, 2,048 tokens with three keys (one asked)."
+    grid = [(label, r, m) for label, r, m in bench_grid((0.75,))
+            if m is None or type(m) is StreamingLLM or (type(m) is SnapKV and m.query_aware)]
+    runs = [bench(lengths=(n,), trials=trials, keys=keys, methods=grid, peers=False, progress=False)
+            .assign(tokens=n, keys=keys, trials=trials) for n, keys in ((4096, 1), (2048, 3))]
+    return pd.concat(runs, ignore_index=True)
+
+
 # %% ../../nbs/kv/21_kv_study.ipynb #c551f998
 def kept_positions(cache) -> torch.Tensor:
     "Bool [layers, kv_heads, seen]: which positions each eviction layer of `cache` holds (batch 0)."
@@ -192,6 +201,11 @@ def study_grid(ratios=(0.5, 0.75, 0.9)) -> list:
     out += [KIVI(bits=b, keys=k) for b in (4, 2) for k in ('channel', 'token')]
     out += [ThinK(prune=p) for p in (0.25, 0.5)] + [stack(SnapKV(ratio=0.5), ThinK(prune=0.5))]
     return out
+
+def ppl_study(name:str='kv-ppl', root=None):
+    "The stored KV study, built (not run): `study_grid()` on decoding perplexity of `eval` in 64-token chunks."
+    from workbench.study import Study
+    return Study('smollm2-135m', study_grid(), Perplexity(split='eval', window=512, chunk=64), name=name, root=root)
 
 def run_study(task, methods=None, lm:LM=None, name:str='kv-study', root=None, progress:bool=True) -> pd.DataFrame:
     "Run `methods` (default: `study_grid()`) on `task` with SmolLM2 (or `lm`) as a resumable `Study`."

@@ -34,3 +34,12 @@ def test_an_option_the_benchmark_does_not_take(with_toy, capsys):
     assert "(workbench.kv.study.bench) takes no option 'tokens'; valid: lengths, trials" in capsys.readouterr().err
     assert main(['bench', 'quant', '--help']) == 0
     assert '--window 512' in capsys.readouterr().out
+
+def test_demo_table_fits_120_columns(capsys):
+    "What `workbench demo` prints for the stored headline rows: short labels, MB and percent, within 120 columns."
+    from workbench.results import stored
+    from workbench.study import print_table, terminal_table
+    print_table(terminal_table(stored('headline')))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 15 and max(map(len, lines)) <= 120, max(map(len, lines))
+    assert lines[0].split()[:2] == ['method', 'family'] and 'GPTQ 3b g64 + KIVI 2b + H2O 50%' in lines[-1]

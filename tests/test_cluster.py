@@ -2,6 +2,7 @@
 import os, signal, sys, threading, time
 import cloudpickle, pytest, torch
 from workbench.cli import FLOOR
+from workbench.core import threads
 from workbench.cluster import dask_client
 from workbench.kv.methods import H2O, StreamingLLM, TOVA
 from workbench.methods import HalfKV, LocalWindow
@@ -31,13 +32,16 @@ def same_rows(a, b, rel=FLOOR, abs=1e-7):
         assert a[col].tolist() == pytest.approx(b[col].tolist(), rel=rel, abs=abs), col
     assert not set(PROVENANCE) - set(a.columns) # provenance is kept, outside the config
 
+# On a tiny random model, eviction scores nearly tie: a float32 sum rounded differently on another thread count can
+# flip which token H2O keeps (7e-4 relative on perplexity, seen once). So the tiny rows are compared with in-process
+# rows on one thread, as each worker has; the SmolLM2 test compares across thread counts.
 def test_tiny_architectures_same_rows_on_workers(client, tmp_path):
     for arch in ('llama', 'qwen2', 'gemma3'):
         lm, task = tiny_lm(arch), RandomIds(tokens=128, window=128, chunk=32)
         methods = METHODS[1:] if arch == 'gemma3' else METHODS # HalfKV keeps full-attention layers only
         remote = Study(lm, methods, task, name=f'{arch}-dask', root=tmp_path)
         on_dask = remote.run(client=client, progress=False)
-        here = Study(lm, methods, task, name=f'{arch}-here', root=tmp_path).run(progress=False)
+        with threads(1): here = Study(lm, methods, task, name=f'{arch}-here', root=tmp_path).run(progress=False)
         assert remote.computed == len(methods) + 1 and not remote.failures
         assert set(on_dask.threads[1:]) == {1} # the workers' rows: one torch thread each
         same_rows(on_dask, here)
@@ -59,7 +63,7 @@ def test_killed_worker_loses_no_row(client, tmp_path):
     assert killed and killed['rows_before'] < len(METHODS) + 1, killed # killed in the middle of the sweep
     assert killed['pid'] not in client.run(os.getpid).values() # that process is gone; Dask started another
     assert not study.failures and len(df) == len(METHODS) + 1 and len(list(folder.glob('*.json'))) == len(df)
-    same_rows(df, Study(lm, METHODS, task, name='here', root=tmp_path).run(progress=False))
+    with threads(1): same_rows(df, Study(lm, METHODS, task, name='here', root=tmp_path).run(progress=False))
 
 def test_failed_row_recorded_not_cached_and_retried(client, tmp_path):
     lm, task = tiny_lm('llama'), RandomIds(tokens=128, window=128, chunk=32)

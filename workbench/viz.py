@@ -37,7 +37,8 @@ def fmt_bytes(n:float, # a number of bytes
 # %% ../nbs/07_viz.ipynb #c1175511
 def readable(t:pd.DataFrame) -> pd.DataFrame:
     "`t` for reading: `label` in place of `method`, each `*_bytes` column in its own unit, `saving` in percent."
-    t = t.drop(columns='method', errors='ignore').rename(columns={'label': 'method'}) if 'label' in t else t.copy()
+    if 'label' in t: # the short label takes the method's place
+        t = t.assign(method=t.label).drop(columns='label') if 'method' in t else t.rename(columns={'label': 'method'})
     for c in [c for c in t.columns if c.endswith('_bytes')]:
         unit, size = byte_unit(t[c].abs().max())
         t = t.assign(**{c: t[c] / size}).rename(columns={c: f'{c[:-len("_bytes")]} {unit}'})

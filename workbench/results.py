@@ -20,7 +20,8 @@ __all__ = ['RESULTS', 'STORED', 'ROOT', 'stored_study', 'store_path', 'code_vers
 RESULTS = DATA/'results' # the committed store: one JSON-lines file per study
 STORED = { # name -> 'module:function' returning the `Study` to store (built, not run), or a benchmark's rows
     'headline': 'workbench.stacks:headline_study', 'kv-ppl': 'workbench.kv.study:ppl_study',
-    'kv-needles': 'workbench.kv.study:needle_rows'}
+    'kv-needles': 'workbench.kv.study:needle_rows', 'tokens-vision': 'workbench.tokens.study:vision_study',
+    'tokens-vision-cls': 'workbench.tokens.study:vision_cls_study', 'tokens-bench': 'workbench.tokens.study:bench'}
 
 def stored_study(name:str):
     "The `Study` that stored study `name` runs (built, not run), or, for a benchmark, its rows (computed now)."

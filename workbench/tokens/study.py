@@ -12,7 +12,8 @@ from ..encoders import encoder_layers, fashion_subset, vit_inputs
 from .vision import TokenMethod, max_r, metered, vision_token_methods
 
 # %% auto #0
-__all__ = ['BUDGET_VALUES', 'tome_r', 'study_grid', 'run_study', 'bench_grid', 'bench']
+__all__ = ['BUDGET_VALUES', 'tome_r', 'study_grid', 'run_study', 'vision_methods', 'vision_study', 'vision_cls_study',
+           'bench_grid', 'bench']
 
 # %% ../../nbs/tokens/32_tokens_study.ipynb #135db347
 def tome_r(keep:float, # fraction of the patch tokens dropping keeps
@@ -49,6 +50,29 @@ def run_study(task:Task, # the task, e.g. `TokenProbe`
     lm = lm or load('dinov2-s14')
     if methods is None: methods = study_grid(size=getattr(task, 'size', 224), blocks=len(encoder_layers(lm.model)))
     return Study(lm, methods, task, name=name, root=root).run(progress=progress)
+
+def vision_methods() -> list:
+    "The vision chapter's table: each dropper at 75, 50, 25 and 10% kept, ToMe at r 4 to 19, drops after block 6."
+    from workbench.tokens.vision import RandomPatchDrop, EViT, HiRED, ToMe
+    out = []
+    for k in (0.75, 0.5, 0.25, 0.1):
+        out += [RandomPatchDrop(keep=k, layer=0), RandomPatchDrop(keep=k, layer=4), EViT(keep=k, layer=4),
+                EViT(keep=k, layer=4, fuse=False), HiRED(keep=k, layer=4)]
+    out += [ToMe(r=r) for r in (4, 8, 16, 19)] + [ToMe(r=16, prop_attn=False)]
+    return out + [EViT(keep=0.25, layer=6), EViT(keep=0.25, layer=6, fuse=False),
+                  RandomPatchDrop(keep=0.25, layer=6), HiRED(keep=0.25, layer=6)]
+
+def vision_study(pool:str='cls+mean'): # the probe's features: 'cls+mean' (size-weighted) or 'cls'
+    "A stored study, built (not run): `vision_methods()` on DINOv2-S/14, probe on 1,000 images (300 for 'cls')."
+    from workbench.study import Study
+    from workbench.tokens.vision import TokenProbe
+    task = TokenProbe(n_train=1000 if pool == 'cls+mean' else 300, n_test=200, pool=pool)
+    return Study('dinov2-s14', vision_methods(), task, name='tokens-vision' + ('-cls' if pool == 'cls' else ''))
+
+def vision_cls_study():
+    "The stored CLS-only probe study (`vision_study('cls')`)."
+    return vision_study('cls')
+
 
 # %% ../../nbs/tokens/32_tokens_study.ipynb #07f61f9e
 def bench_grid(keep:float=0.25, # the budget: fraction of the patch tokens kept (ToMe: left after the last block)

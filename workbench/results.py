@@ -21,7 +21,8 @@ RESULTS = DATA/'results' # the committed store: one JSON-lines file per study
 STORED = { # name -> 'module:function' returning the `Study` to store (built, not run), or a benchmark's rows
     'headline': 'workbench.stacks:headline_study', 'kv-ppl': 'workbench.kv.study:ppl_study',
     'kv-needles': 'workbench.kv.study:needle_rows', 'tokens-vision': 'workbench.tokens.study:vision_study',
-    'tokens-vision-cls': 'workbench.tokens.study:vision_cls_study', 'tokens-bench': 'workbench.tokens.study:bench'}
+    'tokens-vision-cls': 'workbench.tokens.study:vision_cls_study', 'tokens-bench': 'workbench.tokens.study:bench',
+    'sparse-2048': 'workbench.sparse.study:long_study', 'sparse-bench': 'workbench.sparse.study:bench'}
 
 def stored_study(name:str):
     "The `Study` that stored study `name` runs (built, not run), or, for a benchmark, its rows (computed now)."

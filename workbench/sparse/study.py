@@ -15,7 +15,7 @@ from .methods import SparseAttention, Window, SinkWindow, DynamicBlockSparse, sp
 
 # %% auto #0
 __all__ = ['COUNTERS', 'BUDGET_VALUES', 'BENCH_VALUES', 'AttentionCounts', 'study_grid', 'DecodePerplexity', 'DecodeNeedle',
-           'run_study', 'bench_grid', 'bench']
+           'run_study', 'long_study', 'bench_grid', 'bench']
 
 # %% ../../nbs/sparse/41_sparse_study.ipynb #a757124e
 COUNTERS = ('kept_fraction', 'computed_fraction', 'decode_kept_fraction', 'decode_computed_fraction', 'read_fraction',
@@ -113,6 +113,14 @@ def run_study(task:Task, # the task; wrapped in `AttentionCounts` unless it is o
     task = task if isinstance(task, AttentionCounts) else AttentionCounts(task)
     methods = study_grid() if methods is None else methods
     return Study(lm or load('smollm2-135m'), methods, task, name=name, root=root).run(progress=progress)
+
+def long_study():
+    "The stored sparse study, built (not run): `study_grid()` on one 2,048-token prefill window of `eval-long`."
+    from workbench.study import Study
+    from workbench.tasks import Perplexity
+    task = AttentionCounts(Perplexity(split='eval-long', window=2048, tokens=2048))
+    return Study('smollm2-135m', study_grid(), task, name='sparse-2048')
+
 
 # %% ../../nbs/sparse/41_sparse_study.ipynb #d36f4885
 BENCH_VALUES = { # knob values of the patterns `bench` times, about 1/8 of 2k tokens (others: knob defaults)

@@ -161,6 +161,12 @@ def test_site_in_chromium(site):
 # Each study chapter's main chart, drawn from the results store: page -> (stored study, the chart's title)
 STUDY_CHARTS = {
     'kv/21_kv_study': ('kv-ppl', 'SmolLM2, decoding perplexity against KV bytes held (peak), every stored configuration'),
+    'tokens/30_tokens_vision': ('tokens-vision', 'DINOv2-S/14 at 224 px: probe accuracy against attention FLOPs, every '
+                                                 'stored configuration'),
+    'tokens/32_tokens_study': ('tokens-bench', 'DINOv2-S/14 at 224 px: images per second against tokens per block, '
+                                               'each method timed side by side'),
+    'sparse/41_sparse_study': ('sparse-2048', 'SmolLM2, 2,048 tokens: perplexity against the scores computed, every '
+                                              'stored pattern'),
     '50_stacks': ('headline', 'SmolLM2: perplexity against bytes held (weights + KV peak), all families and stacks')}
 
 def test_study_charts_drawn_from_the_store(site):

@@ -164,7 +164,7 @@ STUDY_CHARTS = {
     'tokens/30_tokens_vision': ('tokens-vision', 'DINOv2-S/14 at 224 px: probe accuracy against attention FLOPs, every '
                                                  'stored configuration'),
     'tokens/32_tokens_study': ('tokens-bench', 'DINOv2-S/14 at 224 px: images per second against tokens per block, '
-                                               'each method timed side by side'),
+                                               'timed side by side'),
     'sparse/41_sparse_study': ('sparse-2048', 'SmolLM2, 2,048 tokens: perplexity against the scores computed, every '
                                               'stored pattern'),
     '50_stacks': ('headline', 'SmolLM2: perplexity against bytes held (weights + KV peak), all families and stacks')}

@@ -141,7 +141,7 @@ class Study:
         todo = self.todo(); rows = [self._read(path, key) for _, _, key, path in todo]
         self.computed, self.failures = 0, []
         missing = [i for i, r in enumerate(rows) if r is None]
-        on_dask = (workers is not None or client is not None) and any(missing)
+        on_dask = (workers is not None or client is not None) and any(i > 0 for i in missing) # beyond the baseline
         with dask_client(workers, client=client) if on_dask else nullcontext() as dask: # workers start meanwhile
             ref = self.task.reference(self.lm) if missing else None
             if rows[0] is None: rows[0] = self._compute(todo[0], ref, None); self.computed += 1

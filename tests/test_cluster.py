@@ -42,7 +42,7 @@ def test_tiny_architectures_same_rows_on_workers(client, tmp_path):
         remote = Study(lm, methods, task, name=f'{arch}-dask', root=tmp_path)
         on_dask = remote.run(client=client, progress=False)
         with threads(1): here = Study(lm, methods, task, name=f'{arch}-here', root=tmp_path).run(progress=False)
-        assert remote.computed == len(methods) + 1 and not remote.failures
+        assert remote.computed == len(methods) + 1 and not remote.failures, remote.failures
         assert set(on_dask.threads[1:]) == {1} # the workers' rows: one torch thread each
         same_rows(on_dask, here)
 

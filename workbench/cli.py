@@ -4,11 +4,11 @@
 
 # %% ../nbs/09_cli.ipynb #5ffffd30
 from __future__ import annotations
-import argparse, hashlib, importlib, json, os, statistics, sys, time
+import argparse, hashlib, json, os, statistics, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
-from .core import WorkbenchError, best_times, check_choice, machine
+from .core import WorkbenchError, best_times, check_choice, machine, named
 from .models import cache_dir
 
 # %% auto #0
@@ -350,7 +350,7 @@ BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:
 def bench_function(path): # 'module:function', or the function itself
     "The benchmark function named by 'module:function'."
     if callable(path): return path
-    mod, fn = path.split(':'); return getattr(importlib.import_module(mod), fn)
+    return named(path)
 
 def bench_options(fn) -> dict:
     "The options benchmark function `fn` takes, with their defaults."

@@ -88,7 +88,7 @@ def dask_rows(study, # the `Study`
               progress=True):
     "Compute `todo` on Dask; yield (position in `todo`, row, None) or (position, None, error) as each finishes."
     from distributed import as_completed
-    if progress and dashboard_link(client): print(f"Dask dashboard: {dashboard_link(client)}")
+    if progress and (link := dashboard_link(client)): print(f"Dask dashboard: {link}")
     source = study.source or _one_copy(client, study.lm)
     ref, splits = _one_copy(client, ref), _one_copy(client, (dict(data.SPLITS), dict(data.TEXTS)))
     futures = {client.submit(remote_row, source, item, study.task, ref, base, splits, pure=False): j

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #77105444
 from __future__ import annotations
-import atexit, hashlib, json, math, os, platform, re, shutil, tempfile
+import atexit, hashlib, importlib, json, math, os, platform, re, shutil, tempfile
 from contextlib import contextmanager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar
 # %% auto #0
 __all__ = ['SLOTS', 'FAMILIES', 'KNOB_LABELS', 'private_inductor_dir', 'WorkbenchError', 'check_choice', 'Knob', 'LM',
            'knob_label', 'Method', 'Stack', 'stack', 'Task', 'config_hash', 'threads', 'best_times', 'best_time',
-           'print_row', 'machine']
+           'print_row', 'machine', 'named']
 
 # %% ../nbs/00_core.ipynb #a7c3e1d1
 def private_inductor_dir() -> str:
@@ -281,3 +281,9 @@ def machine() -> str:
     isa = next((n for f, n in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('sse4_2', 'SSE4.2')) if f in flags), '')
     return ', '.join(x for x in (field('model name') or platform.machine(), isa) if x)
 
+
+# %% ../nbs/00_core.ipynb #2974b1bf
+def named(path:str # 'module:name', e.g. 'workbench.stacks:headline_study'
+         ):
+    "The object a 'module:name' string names, imported when asked for."
+    mod, name = path.split(':'); return getattr(importlib.import_module(mod), name)

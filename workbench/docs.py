@@ -16,7 +16,7 @@ from fastcore.docments import docments
 from nbdev.process import extract_directives
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
-from .core import WorkbenchError, Method
+from .core import WorkbenchError, Method, named
 
 # %% auto #0
 __all__ = ['HIDE_CELL', 'HIDE_INPUT', 'HIDE_OUTPUT', 'NO_RUN', 'STOPPED', 'PLOTLY_MIME', 'WIDGET_MIME', 'WIDGET_NOTE',
@@ -316,7 +316,7 @@ def build_docs(out:Path, # the folder to write the site to: new, empty, or an ea
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp)/'src'; (src/'_static').mkdir(parents=True); (src/'_extra').mkdir()
         for page, fn in (EXTRA_PAGES if extra is None else extra).items():
-            mod, f = fn.split(':'); getattr(importlib.import_module(mod), f)(src/'_extra'/page)
+            named(fn)(src/'_extra'/page)
         (src/'_static'/'plotly.min.js').write_text(get_plotlyjs(), encoding='utf-8')
         (src/'conf.py').write_text(sphinx_conf(s), encoding='utf-8')
         books[pages[0]].cells.append(toc_cell([page_name(nbs, p) for p in pages[1:]]))

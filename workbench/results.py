@@ -4,11 +4,11 @@
 
 # %% ../nbs/08b_results.ipynb #bfdd3424
 from __future__ import annotations
-import datetime, importlib, json, os, subprocess
+import datetime, json, os, subprocess
 from pathlib import Path
 import pandas as pd, torch
 import workbench
-from .core import WorkbenchError, check_choice, machine
+from .core import WorkbenchError, check_choice, machine, named
 from .data import DATA
 
 
@@ -26,8 +26,7 @@ STORED = { # name -> 'module:function' returning the `Study` to store (built, no
 
 def stored_study(name:str):
     "The `Study` that stored study `name` runs (built, not run), or, for a benchmark, its rows (computed now)."
-    mod, fn = STORED[check_choice('stored study', name, list(STORED))].split(':')
-    return getattr(importlib.import_module(mod), fn)()
+    return named(STORED[check_choice('stored study', name, list(STORED))])()
 
 def store_path(name:str) -> Path:
     "The file of stored study `name`."

@@ -13,7 +13,6 @@ import workbench
 from .core import FAMILIES, LM, Method, Stack, Task, WorkbenchError, check_choice, config_hash, machine
 from .models import load, facts, cache_dir
 from .ledger import weight_bytes, ledger_row
-from .viz import readable
 
 # %% auto #0
 __all__ = ['PROVENANCE', 'QUALITY', 'STUDY_MODULES', 'SPEC_KEYS', 'SPLIT_KEYS', 'grid', 'versions', 'as_stack', 'theory',
@@ -176,6 +175,7 @@ QUALITY = ('ppl', 'kl', 'top1', 'needle_acc', 'probe_acc', 'feature_cosine', 'em
 
 def terminal_table(df:pd.DataFrame) -> pd.DataFrame:
     "A study's rows, short: label, family, the quality metrics present, bytes held by family, saving in percent."
+    from workbench.viz import readable # here, not at the top: charts and widgets stay out of `import workbench.study`
     cols = ['label', 'family', *[c for c in QUALITY if c in df], 'weight_bytes', 'kv_bytes', 'total_bytes', 'saving']
     return readable(df[cols]).assign(simulated=df.simulated.map({True: 'yes', False: ''}))
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08a_cluster.ipynb #8737a655
 from __future__ import annotations
-import importlib.util, os, tempfile, threading, time
+import copy, importlib.util, os, tempfile, threading, time
 import dask
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,13 +58,13 @@ def dashboard_link(client) -> str|None:
 _MODELS = {} # in each worker process: models loaded from their source, kept for the next rows
 _ONE_ROW = threading.Lock() # methods change the model in place: one row at a time in a process
 
-def worker_model(source) -> LM:
-    "The model a row runs on: the `LM` sent to the worker, or loaded once per process from (name, dtype, device)."
-    if isinstance(source, LM): return source
-    if source not in _MODELS: _MODELS[source] = load(*source)
-    return _MODELS[source]
+def worker_model(source, key) -> LM:
+    "The model a row runs on, once per process: loaded from (name, dtype, device), or a private copy of a sent `LM`."
+    if key not in _MODELS: # a sent LM is copied: rows change the model in place, and Dask may copy the sent object
+        _MODELS[key] = copy.deepcopy(source) if isinstance(source, LM) else load(*source) # to a restarted worker
+    return _MODELS[key]
 
-def remote_row(source, # `Study.source`, or the scattered `LM`
+def remote_row(source, model_key, # `Study.source`, or the scattered `LM` and its Dask key
                item:tuple, # (method, config, config hash, row file): one entry of `Study.todo()`
                task, ref, base:dict, # the task, its baseline reference and the baseline's bytes
                splits:tuple) -> dict: # the registered splits and texts of the process that submitted the row
@@ -72,7 +72,7 @@ def remote_row(source, # `Study.source`, or the scattered `LM`
     from workbench.study import study_row, write_row
     data.SPLITS.update(splits[0]); data.TEXTS.update(splits[1])
     m, cfg, key, path = item
-    with _ONE_ROW: row = study_row(worker_model(source), m, task, ref, base, key, cfg)
+    with _ONE_ROW: row = study_row(worker_model(source, model_key), m, task, ref, base, key, cfg)
     write_row(Path(path), row); return row
 
 
@@ -91,7 +91,8 @@ def dask_rows(study, # the `Study`
     if progress and (link := dashboard_link(client)): print(f"Dask dashboard: {link}")
     source = study.source or _one_copy(client, study.lm)
     ref, splits = _one_copy(client, ref), _one_copy(client, (dict(data.SPLITS), dict(data.TEXTS)))
-    futures = {client.submit(remote_row, source, item, study.task, ref, base, splits, pure=False): j
+    model_key = getattr(source, 'key', source) # a name's tuple, or the key of the scattered copy
+    futures = {client.submit(remote_row, source, model_key, item, study.task, ref, base, splits, pure=False): j
                for j, item in enumerate(todo)}
     for f in tqdm(as_completed(futures), total=len(futures), desc=study.name, disable=not progress):
         if f.status == 'finished': yield futures[f], f.result(), None

@@ -14,10 +14,10 @@ from .models import cache_dir
 # %% auto #0
 __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42', 'SETTINGS', 'AVX2_SSE42', 'COMPILES', 'FLOOR',
            'GPU_METHODS', 'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression',
-           'regression_runs', 'regress', 'tolerance', 'calibrated', 'source_hash', 'resumable_run', 'other_machines',
-           'calibrate', 'demo_report', 'demo', 'demo_page', 'plain_perplexity', 'bench_eval', 'versions',
-           'relative_difference', 'device_rows', 'flex_rows', 'bench_gpu', 'bench_function', 'bench_options',
-           'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench', 'parser', 'main']
+           'regression_runs', 'regress', 'store_check', 'tolerance', 'calibrated', 'source_hash', 'resumable_run',
+           'other_machines', 'calibrate', 'demo_report', 'demo', 'demo_page', 'plain_perplexity', 'bench_eval',
+           'versions', 'relative_difference', 'device_rows', 'flex_rows', 'bench_gpu', 'bench_function',
+           'bench_options', 'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
 ROOT = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path('..').resolve()
@@ -101,8 +101,16 @@ def regression_runs(names:list, profile:str='smoke', out_dir=None, threads:int|N
 def regress(names=None, profile:str='smoke', update_baseline:bool=False, out_dir=None,
             threads:int|None=1, # the notebook kernels' threads
             workers:int|None=None) -> pd.DataFrame: # notebooks run at once on a local Dask cluster (None: in turn)
-    "Run regression notebooks (all by default) and compare with their baselines; `update_baseline` rewrites them."
-    tables, names = [], names or list(regression_notebooks())
+    "Run regression notebooks and check stored studies (all by default; stores: full profile) against baselines."
+    from workbench.results import STORED
+    nbs = regression_notebooks()
+    names = names or list(nbs) + (list(STORED) if profile == 'full' else []) # full: the stored studies too
+    stores = [n for n in names if n in STORED and n not in nbs]
+    if stores and profile != 'full':
+        raise WorkbenchError(f"stored studies ({', '.join(stores)}) are checked by the full profile only; valid "
+                             f"names for profile {profile!r}: {', '.join(nbs)}")
+    tables = [store_check(n, update_baseline) for n in stores]
+    names = [n for n in names if n not in stores]
     for name, metrics in regression_runs(names, profile, out_dir, threads, workers).items():
         path = BASELINES/f'{name}.{profile}.json'
         if update_baseline: _write_baseline(name, profile, metrics)
@@ -111,6 +119,18 @@ def regress(names=None, profile:str='smoke', update_baseline:bool=False, out_dir
         tables.append(compare(metrics, json.loads(path.read_text())).assign(notebook=name, profile=profile))
     columns = ['notebook', 'profile', 'metric', 'baseline', 'value', 'tol', 'diff', 'drift']
     return pd.concat(tables, ignore_index=True)[columns]
+
+def store_check(name:str, # a stored study (`results.STORED`)
+                update:bool=False) -> pd.DataFrame: # True: store the fresh rows (`results.refresh(fresh=True)`)
+    "Stored study `name` computed afresh against its stored rows, as lines of the regression table."
+    from workbench.results import check, check_rows, read_store, refresh
+    if update:
+        try: old = read_store(name)[1]
+        except WorkbenchError: old = [] # none yet
+        refresh(name, fresh=True, progress=False); t = check_rows(old, read_store(name)[1])
+    else: t = check(name)
+    return pd.DataFrame(dict(notebook=f'{name} (stored)', profile='full', metric=t.label + ': ' + t.metric,
+                             baseline=t.stored, value=t.fresh, tol=t.tol, diff=t['diff'], drift=t.drift))
 
 # %% ../nbs/09_cli.ipynb #c4a1b7e3
 FLOOR = 3e-5 # relative: 3 x 1e-5, the largest measured kernel-to-kernel change of a float32 perplexity
@@ -450,9 +470,11 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument('--no-execute', action='store_true', help='build without running the notebooks')
     s = sub.add_parser('studies', help='list the stored studies; recompute them (workbench studies refresh NAME|all); '
                                        "redraw the README's headline picture from them (workbench studies png)")
-    s.add_argument('action', nargs='?', choices=['list', 'refresh', 'png'], default='list')
+    s.add_argument('action', nargs='?', choices=['list', 'refresh', 'check', 'calibrate', 'png'], default='list')
     s.add_argument('name', nargs='?')
     s.add_argument('--workers', type=int, help='compute missing rows on a local Dask cluster of this many processes')
+    s.add_argument('--fresh', action='store_true', help='refresh: compute every row afresh, not from the study cache')
+    s.add_argument('--only', nargs='+', help='check: recompute only the rows of these labels (with the baseline)')
     b = sub.add_parser('bench', help=f"benchmarks: {', '.join(BENCHES)} (workbench bench NAME --help: its options)")
     b.add_argument('what', choices=list(BENCHES))
     b.add_argument('options', nargs=argparse.REMAINDER, help="the benchmark's options: --name value (a list as a,b,c)")
@@ -494,12 +516,18 @@ def main(argv=None) -> int:
 
             return 1 if len(bad) and not a.update_baseline else 0
         if a.cmd == 'studies':
-            from workbench.results import studies, refresh, headline_png, STORED
+            from workbench.results import studies, refresh, headline_png, check, calibrate, STORED
             from workbench.study import print_table
             if a.action == 'list': print_table(studies()); return 0
             if a.action == 'png': print(f"redrew {headline_png().name}"); return 0
-            if not a.name: raise WorkbenchError(f"say which study to refresh: {', '.join(STORED)} or all")
-            print_table(refresh(a.name, a.workers)); return 0
+            if not a.name: raise WorkbenchError(f"say which study to {a.action}: {', '.join(STORED)}"
+                                                + (' or all' if a.action == 'refresh' else ''))
+            if a.action == 'refresh': print_table(refresh(a.name, a.workers, fresh=a.fresh)); return 0
+            t = check(a.name, a.only) if a.action == 'check' else calibrate(a.name)
+            _print(t); bad = t[t.drift]
+            print(f"\n{len(t) - len(bad)} of {len(t)} stored numbers reproduced within tolerance"
+                  + ('' if bad.empty else f"; DRIFT: {', '.join(bad.label + ': ' + bad.metric)}"))
+            return 1 if len(bad) else 0
         if a.cmd == 'peers':
             from workbench.kv.peers import install_kvpress_env
             install_kvpress_env(); return 0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08b_results.ipynb #bfdd3424
 from __future__ import annotations
-import datetime, json, os, subprocess
+import datetime, json, os, re, subprocess, sys, tempfile
 from pathlib import Path
 import pandas as pd, torch
 import workbench
@@ -13,8 +13,10 @@ from .data import DATA
 
 
 # %% auto #0
-__all__ = ['RESULTS', 'STORED', 'ROOT', 'stored_study', 'store_path', 'code_version', 'write_store', 'read_store', 'stored',
-           'age', 'studies', 'refresh', 'headline_png']
+__all__ = ['RESULTS', 'STORED', 'ROOT', 'TIMINGS', 'NOT_PINNED', 'stored_study', 'store_path', 'code_version', 'write_store',
+           'read_store', 'stored', 'age', 'studies', 'refresh', 'provenance', 'calibration', 'headline_png',
+           'compared_columns', 'missing', 'keyed', 'check_rows', 'fresh_rows', 'as_label', 'check', 'setting_rows',
+           'calibrate']
 
 # %% ../nbs/08b_results.ipynb #237b9ce4
 RESULTS = DATA/'results' # the committed store: one JSON-lines file per study
@@ -22,7 +24,12 @@ STORED = { # name -> 'module:function' returning the `Study` to store (built, no
     'headline': 'workbench.stacks:headline_study', 'kv-ppl': 'workbench.kv.study:ppl_study',
     'kv-needles': 'workbench.kv.study:needle_rows', 'tokens-vision': 'workbench.tokens.study:vision_study',
     'tokens-vision-cls': 'workbench.tokens.study:vision_cls_study', 'tokens-bench': 'workbench.tokens.study:bench',
-    'sparse-2048': 'workbench.sparse.study:long_study', 'sparse-bench': 'workbench.sparse.study:bench'}
+    'sparse-2048': 'workbench.sparse.study:long_study', 'sparse-bench': 'workbench.sparse.study:bench',
+    'quant-smollm2': 'workbench.quant.study:smollm2_study', 'quant-minilm': 'workbench.quant.study:minilm_study',
+    'quant-bench': 'workbench.quant.study:bench', 'quant-layers': 'workbench.quant.study:layer_rows',
+    'quant-hqq-ablation': 'workbench.quant.peers:ablation_rows', 'kv-peers': 'workbench.kv.peers:bench_rows',
+    'tokens-text-needle': 'workbench.tokens.text:needle_study', 'tokens-text-ppl': 'workbench.tokens.text:ppl_study',
+    'tokens-text-minilm': 'workbench.tokens.text:minilm_rows'}
 
 def stored_study(name:str):
     "The `Study` that stored study `name` runs (built, not run), or, for a benchmark, its rows (computed now)."
@@ -44,10 +51,11 @@ def code_version() -> dict:
     return dict(commit=commit + ('+changes' if changed else ''), workbench=workbench.__version__)
 
 def write_store(name:str, rows:list, # the study's rows (dicts, config included)
-                path:Path|None=None): # default: `store_path(name)`
+                path:Path|None=None, # default: `store_path(name)`
+                **header): # more fields for the header line (how the tolerances were calibrated)
     "Write stored study `name`: a header line (study, rows, code version, time), then one row per line, keys sorted."
     path = Path(path or store_path(name))
-    head = dict(study=name, rows=len(rows), **code_version(),
+    head = dict(study=name, rows=len(rows), **code_version(), **header,
                 refreshed=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
     lines = [json.dumps({'store': head}, sort_keys=True)] + [json.dumps(r, sort_keys=True, default=str) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,19 +104,34 @@ def studies() -> pd.DataFrame:
 
 def refresh(name:str, # a stored study, or 'all'
             workers:int|None=None, # compute missing rows on a local Dask cluster of this many processes
-            progress:bool=True) -> pd.DataFrame:
+            progress:bool=True,
+            fresh:bool=False) -> pd.DataFrame: # True: compute every row afresh, not from the study cache
     "Run stored study `name` (reusing its cached rows), then write its rows to the store; return the listing."
-    from workbench.study import versions
     for n in (list(STORED) if name == 'all' else [check_choice('stored study', name, list(STORED))]):
-        study = stored_study(n)
-        if isinstance(study, pd.DataFrame): # a benchmark's rows
-            where = dict(**versions(), threads=torch.get_num_threads(), machine=machine())
-            write_store(n, study.assign(**where).to_dict('records'))
-            continue
-        study.run(progress=progress, workers=workers)
-        if study.failures: raise WorkbenchError(f"study {n!r} not stored: {study.failure_summary()}")
-        write_store(n, study.records())
+        if fresh: rows = fresh_rows(n)
+        else:
+            study = stored_study(n)
+            if isinstance(study, pd.DataFrame): rows = study.to_dict('records') # a benchmark's rows
+            else:
+                study.run(progress=progress, workers=workers)
+                if study.failures: raise WorkbenchError(f"study {n!r} not stored: {study.failure_summary()}")
+                rows = study.records()
+        head, tols = calibration(n)
+        write_store(n, [{**provenance(r), **({'tolerance': tols[k]} if k in tols else {})}
+                        for k, r in keyed(rows).items()], **head)
     return studies()
+
+def provenance(row:dict) -> dict:
+    "`row` with the versions, threads and machine that computed it, where it does not say them (a benchmark's rows)."
+    from workbench.study import versions
+    return {**versions(), 'threads': torch.get_num_threads(), 'machine': machine(), **row}
+
+def calibration(name:str) -> tuple:
+    "The calibration header and the tolerances by row (`keyed`) of stored study `name`, kept by a refresh."
+    try: head, rows = read_store(name)
+    except WorkbenchError: return {}, {}
+    tols = {k: r['tolerance'] for k, r in keyed(rows).items() if r.get('tolerance')}
+    return ({'calibrated': head['calibrated']} if 'calibrated' in head else {}), tols
 
 
 # %% ../nbs/08b_results.ipynb #f306bea7
@@ -117,3 +140,92 @@ def headline_png(path:Path|None=None) -> Path: # default: nbs/images/headline.pn
     from workbench.stacks import headline_chart
     from workbench.viz import chart_png
     return chart_png(headline_chart(stored('headline')), path or ROOT/'nbs'/'images'/'headline.png')
+
+# %% ../nbs/08b_results.ipynb #293b4eb0
+TIMINGS = re.compile(r'(^|_)(s|ms|seconds|speedup|slowdown)$|^s_per_|_per_s$') # measured times: never pinned
+NOT_PINNED = ('threads', 'tolerance') # provenance, and the tolerances themselves
+
+def compared_columns(rows:pd.DataFrame) -> list:
+    "The columns a fresh run must reproduce: the numbers a row measured, without timings and provenance."
+    return [c for c in rows.columns if c not in NOT_PINNED and not TIMINGS.search(c)
+            and pd.api.types.is_numeric_dtype(rows[c])]
+
+def missing(x) -> bool:
+    "A value a row does not have: None or NaN."
+    return x is None or x != x
+
+def keyed(rows:list) -> dict:
+    "Rows by what matches a fresh row with its stored one: a study row's config hash, a benchmark row's place."
+    return {r.get('config_hash') or f"row {i}: {r.get('method', '')}": r for i, r in enumerate(rows)}
+
+def check_rows(old:list, # stored rows (dicts; each may carry `tolerance`: {column: allowed difference})
+               new:list) -> pd.DataFrame: # the same rows computed afresh
+    "One line per stored row and compared column: stored and fresh value, tolerance, difference and drift."
+    from workbench.cli import tolerance
+    fresh, out = keyed(new), []
+    cols = compared_columns(pd.DataFrame(old))
+    for k, r in keyed(old).items():
+        f = fresh.get(k)
+        for c in cols:
+            a, b = r.get(c), None if f is None else f.get(c)
+            if missing(a) and missing(b): continue
+            tol = (r.get('tolerance') or {}).get(c, 0. if missing(a) else tolerance([a]))
+            diff = None if missing(a) or missing(b) else abs(a - b)
+            out.append(dict(label=r.get('label', r['method']), metric=c, stored=a, fresh=b, tol=tol, diff=diff,
+                            drift=diff is None or diff > tol))
+    return pd.DataFrame(out)
+
+# %% ../nbs/08b_results.ipynb #bba691f5
+def fresh_rows(name:str, # a stored study
+               only:list|None=None, # labels of the rows to recompute (with the baseline); None: all
+               root:Path|None=None) -> list: # where the fresh rows are cached (default: a temporary folder)
+    "Stored study `name` computed afresh, not from the study cache: its rows as `refresh` would store them."
+    study = stored_study(name)
+    if isinstance(study, pd.DataFrame): # a benchmark computes at call time
+        if only: raise WorkbenchError(f"{name!r} is a benchmark: it reruns whole (only={only!r} is for studies)")
+        return study.to_dict('records')
+    if only:
+        labels = {as_label(m): m for m in study.methods[1:]}
+        study.methods = [None] + [labels[check_choice('row label', l, list(labels))] for l in only]
+    with tempfile.TemporaryDirectory() as tmp:
+        study.dir = Path(root or tmp)/study.name
+        study.run(progress=False)
+        if study.failures: raise WorkbenchError(study.failure_summary())
+        return study.records()
+
+def as_label(method) -> str:
+    "The short label of a study's method (or stack)."
+    from workbench.study import as_stack
+    return as_stack(method).label
+
+def check(name:str, # a stored study
+          only:list|None=None) -> pd.DataFrame: # labels of rows to recompute (with the baseline); None: all
+    "Compare a fresh run of stored study `name` with its stored rows (`check_rows`), row by row and metric by metric."
+    old = read_store(name)[1]
+    if only: old = [r for r in old if r.get('label') in ('baseline', *only)]
+    return check_rows(old, fresh_rows(name, only)).assign(study=name)
+
+# %% ../nbs/08b_results.ipynb #3614e666
+def setting_rows(name:str, setting:dict) -> list:
+    "Stored study `name` computed afresh in a new process under `setting` (`cli.SETTINGS`: threads, environment)."
+    from workbench.cli import environment
+    with tempfile.TemporaryDirectory() as tmp, environment(**setting):
+        out = Path(tmp)/'rows.json'
+        code = (f"import json; from workbench.results import fresh_rows; "
+                f"open({str(out)!r}, 'w').write(json.dumps(fresh_rows({name!r}), default=str))")
+        subprocess.run([sys.executable, '-c', code], check=True)
+        return json.loads(out.read_text())
+
+def calibrate(name:str, # a stored study
+              settings:dict|None=None, # setting name -> `environment` arguments (default: `cli.SETTINGS`)
+              margin:float=3.0) -> pd.DataFrame: # spreads of room
+    "Store beside each row of `name` the tolerance of each compared column, from fresh runs under `settings`."
+    from workbench.cli import SETTINGS, tolerance
+    head, rows = read_store(name)
+    runs = {s: keyed(setting_rows(name, kw)) for s, kw in (settings or SETTINGS).items()}
+    cols = compared_columns(pd.DataFrame(rows))
+    for k, r in keyed(rows).items():
+        values = {c: [r[c]] + [run[k].get(c) for run in runs.values() if k in run] for c in cols}
+        r['tolerance'] = {c: tolerance(v, margin) for c, v in values.items() if not any(map(missing, v))}
+    write_store(name, rows, calibrated=dict(settings=list(runs), margin=margin, machine=machine()))
+    return check_rows(rows, rows).assign(study=name)

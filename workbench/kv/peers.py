@@ -14,7 +14,7 @@ from ..models import cache_dir
 # %% auto #0
 __all__ = ['KVPRESS_VERSION', 'KVPRESS_TORCH', 'KVPRESS_PRESSES', 'kvpress_env', 'kvpress_python', 'install_commands',
            'install_kvpress_env', 'kv_needles', 'model_folder', 'bench_kvpress', 'run_worker', 'kvpress_table',
-           'kept_pairs', 'our_kept', 'kept_agreement', 'kept_cross_check']
+           'kept_pairs', 'our_kept', 'kept_agreement', 'kept_cross_check', 'kvpress_versions', 'bench_rows']
 
 # %% ../../nbs/kv/22_kv_peers.ipynb #30735d79
 KVPRESS_VERSION, KVPRESS_TORCH = '0.5.5', '2.13.0'
@@ -192,3 +192,23 @@ def kept_cross_check(context=None, # token ids [T]; default: a 2,048-token needl
                          **kept_agreement(ours, got['positions'])))
     df = pd.DataFrame(rows); df.attrs['versions'] = res['versions']
     return df
+
+# %% ../../nbs/kv/22_kv_peers.ipynb #20f3debc
+def kvpress_versions(env=None) -> str:
+    "kvpress, transformers and torch in the kvpress environment, as 'kvpress 0.5.5, transformers 5.2.0, torch ...'."
+    from importlib.metadata import distributions
+    site = glob.glob(str(kvpress_env(env)/'lib'/'python*'/'site-packages'))
+    got = {d.metadata['Name'].lower(): d.version for d in distributions(path=site)}
+    return ', '.join(f'{p} {got[p]}' for p in ('kvpress', 'transformers', 'torch') if p in got)
+
+def bench_rows() -> pd.DataFrame:
+    "The stored side-by-side run (`kv-peers`): `kv.study.bench` on ten 2,048-token needles, ours and kvpress."
+    import torch
+    from workbench.kv.study import bench # at call time: kv.study loads models and charts, and calls back into here
+    kvpress_python() # the store needs kvpress's rows: stop with the install command when its environment is missing
+    torch.set_num_threads(1) # one torch thread, as the kvpress worker uses, so seconds per query compare
+    trials = 10 # needles, at depths 0 to 1 evenly
+    df = bench(lengths=(2048,), trials=trials)
+    return df.assign(trials=trials, # the store's version columns are workbench's; kvpress rows ran in this one:
+                     peer_env=df.library.map({'kvpress': kvpress_versions()}))
+

@@ -9,11 +9,13 @@ import pandas as pd
 import torch
 from torch import nn
 from ..core import LM, Knob, WorkbenchError, threads
+from ..models import load
+from ..tasks import Perplexity
 from .methods import HQQ, LinearMethod, LAYERS_KNOB, in_blocks, shrink_lp, targets
 
 # %% auto #0
 __all__ = ['QuantoPeer', 'HQQPeer', 'hqq_library_linear', 'peers_available', 'shrink_lp_library', 'HQQVariant',
-           'library_ingredients', 'hqq_layer_errors', 'hqq_ablation']
+           'library_ingredients', 'hqq_layer_errors', 'ablation_runs', 'hqq_ablation', 'ablation_rows']
 
 # %% ../../nbs/quant/12_quant_peers.ipynb #2ca71960
 class QuantoPeer(LinearMethod):
@@ -170,9 +172,8 @@ def hqq_layer_errors(lm:LM, bits:int, group_size:int=64, # the library's setting
     return pd.DataFrame(rows)
 
 # %% ../../nbs/quant/12_quant_peers.ipynb #8f4d948b
-def hqq_ablation(lm:LM, bits:int, task, group_size:int=64, ref=None, progress=print) -> pd.DataFrame:
-    "`task`'s metrics of ours, the library's recipe, and each with one ingredient swapped; the library itself last."
-    from workbench.quant.study import measure, quantized_weights # at call time: the study imports this module
+def ablation_runs(bits:int) -> list:
+    "(label, ingredient swapped, knobs of `HQQVariant`): ours, the library's recipe, and each with one swapped."
     lib = library_ingredients(bits)
     ours = {k.name: k.default for k in HQQVariant.knobs if k.name in lib}
     runs = [('ours', '-', {}), ('library recipe', '-', lib)]
@@ -181,10 +182,15 @@ def hqq_ablation(lm:LM, bits:int, task, group_size:int=64, ref=None, progress=pr
         elif k == 'zero_init': a = b = 'rounded' # at 3 bits both start from the range: both try the rounded start
         else: continue
         runs += [(f'ours, {k}={a}', k, {k: a}), (f'library, {k}={b}', k, {**lib, k: b})]
+    return runs
+
+def hqq_ablation(lm:LM, bits:int, task, group_size:int=64, ref=None, progress=print) -> pd.DataFrame:
+    "`task`'s metrics of ours, the library's recipe, and each with one ingredient swapped; the library itself last."
+    from workbench.quant.study import measure, quantized_weights # at call time: the study imports this module
     ref = ref if ref is not None else task.reference(lm)
     n = quantized_weights(lm, HQQ())
     rows = []
-    for label, ingredient, kw in runs:
+    for label, ingredient, kw in ablation_runs(bits):
         m = HQQVariant(bits=bits, group_size=group_size, **kw)
         t0 = time.perf_counter(); undo = m.install(lm)
         try: r = task.run(lm, ref)
@@ -198,3 +204,12 @@ def hqq_ablation(lm:LM, bits:int, task, group_size:int=64, ref=None, progress=pr
         rows.append(dict(variant='the hqq library (HQQLinear)', swapped='-', bits=bits, ppl=r['ppl'], kl=r['kl'],
                          top1=r['top1'], bits_per_weight=r['bits_per_weight'], wall_s=r['quantize_s'] + r['eval_s']))
     return pd.DataFrame(rows)
+
+# %% ../../nbs/quant/12_quant_peers.ipynb #7a5be4ee
+def ablation_rows() -> pd.DataFrame:
+    "The stored ablation: `hqq_ablation` at 4 and 3 bits on SmolLM2 (perplexity on `eval`), with the baseline's."
+    lm, task = load('smollm2-135m'), Perplexity(tokens=2048, window=512) # four 512-token windows of `eval`
+    with threads(1): # as the chapter's numbers were measured: many small operations, faster on one thread
+        ref = task.reference(lm); baseline = task.run(lm, ref)['ppl'] # the unquantized model's perplexity
+        rows = pd.concat([hqq_ablation(lm, b, task, ref=ref) for b in (4, 3)], ignore_index=True)
+    return rows.assign(baseline_ppl=baseline)

@@ -17,12 +17,14 @@ from .methods import (RTN, HQQ, GPTQ, KMeans, LinearMethod, AffineQuant, PackedL
                                      hidden_out, in_blocks, targets)
 from .peers import HQQPeer, QuantoPeer, peers_available # for bench_grid
 from ..packing import pack, unpack
+from ..study import Study
 
 # %% auto #0
 __all__ = ['units_of', 'block_index', 'Passthrough', 'start_at', 'model_output', 'divergence', 'fake_quantized', 'sensitivity',
            'check_budget', 'allocate', 'MixedPrecision', 'residual_stack', 'StackLinear', 'input_rms', 'BitStack',
-           'quantized_weights', 'measure', 'layer_table', 'layer_heatmap', 'study_grid', 'minilm_grid', 'run_study',
-           'bench_grid', 'bench', 'bench_matmul', 'output_change', 'quant_evaluator', 'quant_explorer']
+           'quantized_weights', 'measure', 'layer_table', 'layer_heatmap', 'study_grid', 'minilm_grid', 'QuantStudy',
+           'run_study', 'smollm2_study', 'layer_rows', 'minilm_study', 'bench_grid', 'bench', 'bench_matmul',
+           'output_change', 'quant_evaluator', 'quant_explorer']
 
 # %% ../../nbs/quant/11_quant_study.ipynb #9722ddc4
 def units_of(model:nn.Module, select, unit:str='sublayer') -> dict:
@@ -374,16 +376,40 @@ def minilm_grid() -> list:
             + [RTN(bits=b, group_size=32) for b in (4, 3, 2)]
             + [HQQ(bits=3, group_size=32), GPTQ(bits=3, group_size=32, calib_window=256)])
 
+class QuantStudy(Study):
+    "A `Study` of weight quantizers whose rows also carry `bits_per_weight` (of the layers the methods quantize)."
+    def bits_per_weight(self, row:dict) -> float:
+        "The bytes the quantized layers hold in `row` (its measured bytes less the layers left alone), x 8 per weight."
+        n, full = quantized_weights(self.lm, self.methods[-1]), value_bytes(self.lm) # full: bytes per baseline weight
+        if row['method'] == 'baseline': return 8. * full
+        return (row['weight_bytes'] - (row['weight_bytes_baseline'] - full * n)) * 8 / n
+
+    def run(self, *args, **kwargs) -> pd.DataFrame:
+        df = super().run(*args, **kwargs)
+        return df.assign(bits_per_weight=[self.bits_per_weight(r) for r in df.to_dict('records')])
+
+    def records(self) -> list: return [{**r, 'bits_per_weight': self.bits_per_weight(r)} for r in super().records()]
+
 def run_study(task, methods=None, lm:LM=None, name:str='quant-study', root=None, progress:bool=True) -> pd.DataFrame:
     "Run `methods` (default: `study_grid()`) on `task` with SmolLM2 (or `lm`) as a resumable `Study`, with bits/weight."
-    from workbench.study import Study
-    methods, lm = study_grid() if methods is None else methods, lm or load('smollm2-135m')
-    df = Study(lm, methods, task, name=name, root=root).run(progress=progress)
-    n = quantized_weights(lm, methods[0])
-    full = value_bytes(lm) # bytes per weight of the baseline
-    df['bits_per_weight'] = [(r.weight_bytes - (r.weight_bytes_baseline - full * n)) * 8 / n if r.method != 'baseline'
-                             else 8. * full for r in df.itertuples()]
-    return df
+    methods = study_grid() if methods is None else methods
+    return QuantStudy(lm or load('smollm2-135m'), methods, task, name=name, root=root).run(progress=progress)
+
+def smollm2_study() -> QuantStudy:
+    "The stored SmolLM2 study, built (not run): `study_grid()` on perplexity of the fixed split."
+    from workbench.tasks import Perplexity
+    return QuantStudy('smollm2-135m', study_grid(), Perplexity(), name='quant-smollm2')
+
+def layer_rows() -> pd.DataFrame:
+    "The per-layer tables (`layer_table`) of two SmolLM2 configurations: mixed precision's widths, GPTQ's errors."
+    lm = load('smollm2-135m')
+    return pd.concat([layer_table(lm, m).assign(method=m.name, label=m.label) for m in
+                      (MixedPrecision(avg_bits=3.0, group_size=32), GPTQ(bits=3, group_size=64))], ignore_index=True)
+
+def minilm_study() -> QuantStudy:
+    "The stored MiniLM study, built (not run): `minilm_grid()` on embedding fidelity of the 200 Emma paragraphs."
+    from workbench.encoders import EmbeddingFidelity
+    return QuantStudy('minilm-l6', minilm_grid(), EmbeddingFidelity(), name='quant-minilm')
 
 # %% ../../nbs/quant/11_quant_study.ipynb #96b1445c
 def bench_grid(peers:bool=True) -> list:

@@ -15,9 +15,10 @@ from ..kv.methods import queries, attention_modules
 from ..encoders import encoder_layers
 
 # %% auto #0
-__all__ = ['top_tokens', 'PromptDrop', 'RandomPrompt', 'layer_inputs', 'attention_scores', 'received_attention', 'AttnPrune',
-           'SelfInfo', 'causal_mask_for', 'FastV', 'highlight', 'prefill', 'PromptNeedle', 'ContinuationPPL',
-           'text_token_methods', 'prompt_explorer']
+__all__ = ['MINILM_METHODS', 'top_tokens', 'PromptDrop', 'RandomPrompt', 'layer_inputs', 'attention_scores', 'received_attention',
+           'AttnPrune', 'SelfInfo', 'causal_mask_for', 'FastV', 'highlight', 'prefill', 'PromptNeedle',
+           'ContinuationPPL', 'minilm_methods', 'minilm_rows', 'text_token_methods', 'prompt_explorer', 'text_grid',
+           'needle_study', 'ppl_study']
 
 # %% ../../nbs/tokens/31_tokens_text.ipynb #a7143404
 def top_tokens(scores:torch.Tensor, candidates:torch.Tensor, m:int) -> torch.Tensor:
@@ -343,6 +344,31 @@ class ContinuationPPL(Task):
         return dict(ppl=math.exp(nll / n), kv_bytes=kv / self.windows, prefill_s=sec / self.windows,
                     ledger_tokens=kept / self.windows, ledger_kv_peak=kv / self.windows)
 
+# %% ../../nbs/tokens/31_tokens_text.ipynb #a5855dd2
+def minilm_methods() -> list:
+    "ToMe at three merging ratios (one without proportional attention) and random dropping at two budgets."
+    from workbench.methods import RandomDrop
+    from workbench.tokens.vision import ToMe
+    return [ToMe(r=0, ratio=0.1), ToMe(r=0, ratio=0.2), ToMe(r=0, ratio=0.2, prop_attn=False), ToMe(r=0, ratio=0.3),
+            RandomDrop(keep=0.6), RandomDrop(keep=0.5)]
+
+MINILM_METHODS = minilm_methods()
+
+def minilm_rows(n:int=100) -> 'pd.DataFrame': # Emma paragraphs (each with its half, for retrieval)
+    "MiniLM with each of `MINILM_METHODS`: embedding fidelity, retrieval and tokens per block, a row each."
+    import pandas as pd
+    from contextlib import nullcontext
+    from workbench.models import load
+    from workbench.encoders import EmbeddingFidelity
+    from workbench.tokens.vision import metered
+    enc, task = load('minilm-l6'), EmbeddingFidelity(n=n, batch=1)
+    ref, rows = task.reference(enc), []
+    for m in [None, *MINILM_METHODS]:
+        with (nullcontext() if m is None else m.apply(enc)), metered(enc.model) as meter:
+            rows.append(dict(method=getattr(m, 'name', 'baseline'), label=getattr(m, 'label', 'baseline'),
+                             **task.run(enc, ref), **meter.per_image()))
+    return pd.DataFrame(rows)
+
 # %% ../../nbs/tokens/31_tokens_text.ipynb #ba483692
 def text_token_methods() -> dict:
     "The runnable token methods of this chapter, by class name in the order they are defined (the registry's)."
@@ -361,3 +387,24 @@ def prompt_explorer(lm:LM, ids:torch.Tensor, question:torch.Tensor=None, # a cau
     seeded = {c.__name__: {'seed': 0} for c in methods if any(k.name == 'seed' for k in c.knobs)}
     first = 'FastV' if 'FastV' in [c.__name__ for c in methods] else None
     return explore(methods, draw, fixed=seeded, value=first)
+
+# %% ../../nbs/tokens/31_tokens_text.ipynb #7d06d578
+def text_grid() -> list:
+    "FastV and AttnPrune (both attention rows), SelfInfo, RandomPrompt keeping half the context; the four at a quarter."
+    return [FastV(keep=0.5), FastV(keep=0.5, rows='all'), AttnPrune(keep=0.5), AttnPrune(keep=0.5, rows='all'),
+            SelfInfo(keep=0.5), RandomPrompt(keep=0.5), FastV(keep=0.25), AttnPrune(keep=0.25), SelfInfo(keep=0.25),
+            RandomPrompt(keep=0.25)]
+
+def needle_study(name:str='tokens-text-needle', # folder of the cached rows
+                 root=None): # where studies are cached (default: the workbench cache)
+    "The stored needle study, built (not run): `text_grid()` on 10 five-digit needles in 1,024 tokens of Persuasion."
+    from workbench.study import Study
+    return Study('smollm2-135m', text_grid(), PromptNeedle(length=1024, trials=10), name=name, root=root)
+
+def ppl_study(name:str='tokens-text-ppl', # folder of the cached rows
+              root=None): # where studies are cached (default: the workbench cache)
+    "The stored perplexity study, built (not run): `text_grid()` on 64 tokens after 512 of context, 3 windows."
+    from workbench.study import Study
+    return Study('smollm2-135m', text_grid(), ContinuationPPL(context=512, continuation=64, windows=3), name=name,
+                 root=root)
+

@@ -26,7 +26,7 @@ STORED = { # name -> 'module:function' returning the `Study` to store (built, no
     'tokens-vision-cls': 'workbench.tokens.study:vision_cls_study', 'tokens-bench': 'workbench.tokens.study:bench',
     'sparse-2048': 'workbench.sparse.study:long_study', 'sparse-bench': 'workbench.sparse.study:bench',
     'quant-smollm2': 'workbench.quant.study:smollm2_study', 'quant-minilm': 'workbench.quant.study:minilm_study',
-    'quant-bench': 'workbench.quant.study:bench', 'quant-layers': 'workbench.quant.study:layer_rows',
+    'quant-peers': 'workbench.quant.study:peers_study', 'quant-layers': 'workbench.quant.study:layer_rows',
     'quant-hqq-ablation': 'workbench.quant.peers:ablation_rows', 'kv-peers': 'workbench.kv.peers:bench_rows',
     'tokens-text-needle': 'workbench.tokens.text:needle_study', 'tokens-text-ppl': 'workbench.tokens.text:ppl_study',
     'tokens-text-minilm': 'workbench.tokens.text:minilm_rows'}

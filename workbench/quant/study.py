@@ -23,8 +23,8 @@ from ..study import Study
 __all__ = ['units_of', 'block_index', 'Passthrough', 'start_at', 'model_output', 'divergence', 'fake_quantized', 'sensitivity',
            'check_budget', 'allocate', 'MixedPrecision', 'residual_stack', 'StackLinear', 'input_rms', 'BitStack',
            'quantized_weights', 'measure', 'layer_table', 'layer_heatmap', 'study_grid', 'minilm_grid', 'QuantStudy',
-           'run_study', 'smollm2_study', 'layer_rows', 'minilm_study', 'bench_grid', 'bench', 'bench_matmul',
-           'output_change', 'quant_evaluator', 'quant_explorer']
+           'run_study', 'smollm2_study', 'layer_rows', 'minilm_study', 'bench_grid', 'bench', 'peers_study',
+           'bench_matmul', 'output_change', 'quant_evaluator', 'quant_explorer']
 
 # %% ../../nbs/quant/11_quant_study.ipynb #9722ddc4
 def units_of(model:nn.Module, select, unit:str='sublayer') -> dict:
@@ -442,6 +442,11 @@ def bench(tokens:int=2048, # tokens of the `eval` split
                               f"quantized in {r['quantize_s']:.1f} s")
     cols = ['method', 'library', 'ppl', 'kl', 'top1', 'weight_bytes', 'bits_per_weight', 'quantize_s', 'eval_s']
     return pd.DataFrame(rows)[cols]
+
+def peers_study() -> QuantStudy:
+    "The stored side-by-side run, built (not run): `bench_grid()` on the SmolLM2 study's task, sharing its rows."
+    from workbench.tasks import Perplexity
+    return QuantStudy('smollm2-135m', bench_grid(), Perplexity(), name='quant-smollm2')
 
 # %% ../../nbs/quant/11_quant_study.ipynb #bcb1c792
 def bench_matmul(tokens:int=512, out_features:int=1536, in_features:int=576, # the Linear and its input

@@ -225,7 +225,7 @@ def calibrate(name:str, # a stored study
     runs = {s: keyed(setting_rows(name, kw)) for s, kw in (settings or SETTINGS).items()}
     cols = compared_columns(pd.DataFrame(rows))
     for k, r in keyed(rows).items():
-        values = {c: [r[c]] + [run[k].get(c) for run in runs.values() if k in run] for c in cols}
+        values = {c: [r.get(c)] + [run[k].get(c) for run in runs.values() if k in run] for c in cols}
         r['tolerance'] = {c: tolerance(v, margin) for c, v in values.items() if not any(map(missing, v))}
     write_store(name, rows, calibrated=dict(settings=list(runs), margin=margin, machine=machine()))
     return check_rows(rows, rows).assign(study=name)

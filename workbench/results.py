@@ -228,4 +228,5 @@ def calibrate(name:str, # a stored study
         values = {c: [r.get(c)] + [run[k].get(c) for run in runs.values() if k in run] for c in cols}
         r['tolerance'] = {c: tolerance(v, margin) for c, v in values.items() if not any(map(missing, v))}
     write_store(name, rows, calibrated=dict(settings=list(runs), margin=margin, machine=machine()))
-    return check_rows(rows, rows).assign(study=name)
+    return pd.concat([check_rows(rows, list(run.values())).assign(study=name, setting=s) for s, run in runs.items()],
+                     ignore_index=True) # each setting's run against the stored rows and their new tolerances

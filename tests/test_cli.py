@@ -43,3 +43,8 @@ def test_demo_table_fits_120_columns(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 15 and max(map(len, lines)) <= 120, max(map(len, lines))
     assert lines[0].split()[:2] == ['method', 'family'] and 'GPTQ 3b g64 + KIVI 2b + H2O 50%' in lines[-1]
+
+def test_regress_calibrate_reaches_its_function(capsys):
+    "`workbench regress NAME --calibrate` calls the notebooks' calibration (a name clash once made it crash)."
+    assert main(['regress', 'no-such-notebook', '--calibrate']) == 2
+    assert "no-such-notebook" in capsys.readouterr().err

@@ -174,7 +174,24 @@ STUDY_CHARTS = {
                                    'ours and kvpress'),
     'tokens/31_tokens_text': ('tokens-text-needle', 'SmolLM2, 1,024-token needles: needles found against KV bytes, every '
                                                     'stored configuration'),
-    '50_stacks': ('headline', 'SmolLM2: perplexity against bytes held (weights + KV peak), all families and stacks')}
+    '50_stacks': ('headline', 'SmolLM2: perplexity against bytes held (weights + KV peak), all families and stacks'),
+    'kv/24_kv_scissorhands': ('kv-scissorhands', 'SmolLM2, decoding perplexity against KV bytes held: Scissorhands and '
+                                                 'H2O at 50/75/90% evicted'),
+    'kv/25_kv_lazy': ('kv-lazy', 'SmolLM2, perplexity of 1,024 decoded tokens against peak KV bytes: LazyEviction, '
+                                 'H2O, SnapKV'),
+    'kv/26_kv_episodic': ('kv-episodic', 'SmolLM2, four questions on one compressed 2,048-token context: accuracy '
+                                         'against KV bytes held (peak)'),
+    'kv/27_kv_retrieval_heads': ('kv-retrieval-heads', 'SmolLM2 needles at 2,048 tokens: CompressKV vs SnapKV, found vs '
+                                                       'KV bytes held while answering'),
+    'kv/28_kv_locret': ('kv-locret', 'SmolLM2, decoding perplexity against KV bytes held: Locret, SnapKV, H2O'),
+    'quant/13_quant_binary': ('quant-binary', 'SmolLM2: binary coding against round-to-nearest and GPTQ, perplexity '
+                                              'against weight bytes'),
+    'quant/14_quant_rag': ('quant-rag', 'MiniLM on Austen paragraphs: recall@10 against bytes per stored vector, every '
+                                        'stored configuration'),
+    'tokens/33_tokens_schedule': ('tokens-schedule', 'DINOv2-S/14, tokens against peak activation bytes, every schedule '
+                                                     'and size'),
+    'sparse/42_sparse_hybrid': ('sparse-hybrid-retrofit', 'SmolLM2 retrofitted, 2,048 tokens: perplexity against KV '
+                                                          'bytes held, each layout untrained')}
 
 def test_study_charts_drawn_from_the_store(site):
     "Each study chapter's page draws its main chart in Chromium, one point per stored row; a screenshot of each."

@@ -184,6 +184,7 @@ def calibrate(names=None, profile:str='full', out_dir=None, margin:float=3.0,
               fresh:bool=False) -> pd.DataFrame: # True: drop the runs other machines left in the baselines
     "Run notebooks under every setting here, add other machines' stored runs, write baselines with the spread of all."
     out_dir, rows, here = Path(out_dir or cache_dir()/'calibrate'), [], machine()
+    for name in names or []: check_choice('regression notebook', name, list(regression_notebooks()))
     for name in names or list(regression_notebooks()):
         runs = {f'{here}: {s}': resumable_run(name, profile, out_dir/s.replace(' ', '_'), **kw)
                 for s, kw in (settings or settings_for(name)).items()}
@@ -516,14 +517,15 @@ def main(argv=None) -> int:
 
             return 1 if len(bad) and not a.update_baseline else 0
         if a.cmd == 'studies':
-            from workbench.results import studies, refresh, headline_png, check, calibrate, STORED
+            from workbench.results import studies, refresh, headline_png, check, STORED
+            from workbench.results import calibrate as calibrate_store # `calibrate` here is the notebooks'
             from workbench.study import print_table
             if a.action == 'list': print_table(studies()); return 0
             if a.action == 'png': print(f"redrew {headline_png().name}"); return 0
             if not a.name: raise WorkbenchError(f"say which study to {a.action}: {', '.join(STORED)}"
                                                 + (' or all' if a.action == 'refresh' else ''))
             if a.action == 'refresh': print_table(refresh(a.name, a.workers, fresh=a.fresh)); return 0
-            t = check(a.name, a.only) if a.action == 'check' else calibrate(a.name)
+            t = check(a.name, a.only) if a.action == 'check' else calibrate_store(a.name)
             _print(t); bad = t[t.drift]
             print(f"\n{len(t) - len(bad)} of {len(t)} stored numbers reproduced within tolerance"
                   + ('' if bad.empty else f"; DRIFT: {', '.join(bad.label + ': ' + bad.metric)}"))

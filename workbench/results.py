@@ -29,7 +29,13 @@ STORED = { # name -> 'module:function' returning the `Study` to store (built, no
     'quant-peers': 'workbench.quant.study:peers_study', 'quant-layers': 'workbench.quant.study:layer_rows',
     'quant-hqq-ablation': 'workbench.quant.peers:ablation_rows', 'kv-peers': 'workbench.kv.peers:bench_rows',
     'tokens-text-needle': 'workbench.tokens.text:needle_study', 'tokens-text-ppl': 'workbench.tokens.text:ppl_study',
-    'tokens-text-minilm': 'workbench.tokens.text:minilm_rows'}
+    'tokens-text-minilm': 'workbench.tokens.text:minilm_rows',
+    'kv-scissorhands': 'workbench.kv.scissorhands:study_rows', 'kv-lazy': 'workbench.kv.lazy:study_rows',
+    'kv-episodic': 'workbench.kv.episodic:study_rows', 'kv-retrieval-heads': 'workbench.kv.retrieval_heads:study_rows',
+    'kv-locret': 'workbench.kv.locret:study_rows', 'quant-binary': 'workbench.quant.binary:study_rows',
+    'quant-rag': 'workbench.quant.rag:study_rows', 'tokens-schedule': 'workbench.tokens.schedule:study_rows',
+    'sparse-hybrid': 'workbench.sparse.hybrid:study_rows',
+    'sparse-hybrid-retrofit': 'workbench.sparse.hybrid:retrofit_study_rows'}
 
 def stored_study(name:str):
     "The `Study` that stored study `name` runs (built, not run), or, for a benchmark, its rows (computed now)."

@@ -189,9 +189,10 @@ def print_table(df:pd.DataFrame):
 
 # %% ../nbs/08_study.ipynb #41294c51
 # the modules that define methods and tasks: the registries import them all
-STUDY_MODULES = ('methods', 'tasks', 'encoders', 'quant.methods', 'quant.study', 'quant.peers', 'kv.methods',
-                 'kv.study', 'kv.peers', 'tokens.vision', 'tokens.text', 'tokens.study', 'sparse.methods',
-                 'sparse.study')
+STUDY_MODULES = ('methods', 'tasks', 'encoders', 'quant.methods', 'quant.study', 'quant.peers', 'quant.binary',
+                 'quant.rag', 'kv.methods', 'kv.study', 'kv.peers', 'kv.scissorhands', 'kv.lazy', 'kv.episodic',
+                 'kv.retrieval_heads', 'kv.locret', 'tokens.vision', 'tokens.text', 'tokens.study', 'tokens.schedule',
+                 'sparse.methods', 'sparse.study', 'sparse.hybrid')
 
 
 def import_studies():
@@ -208,7 +209,9 @@ def method_registry(family:str|None=None, # only this family's methods ('quant',
     found, todo = {}, list(Method.__subclasses__())
     while todo:
         c = todo.pop(); todo += c.__subclasses__()
-        if c.__module__.startswith('workbench.') and c is not Stack and (bases or c.runnable()): found[c.__name__] = c
+        private = c.__name__.startswith('_') # a measuring device built on a method (e.g. kv.lazy's probe)
+        if c.__module__.startswith('workbench.') and c is not Stack and not private and (bases or c.runnable()):
+            found[c.__name__] = c
     found = {n: c for n, c in sorted(found.items()) if family in (None, c.family)}
     if module is None: return found
     return {n: c for n, c in vars(importlib.import_module(module)).items() if found.get(n) is c} # definition order
@@ -262,10 +265,11 @@ def study_from_spec(spec:dict|str|Path, root=None,
 # %% ../nbs/08_study.ipynb #0872a4de
 def family_grid(family:str, # 'quant', 'kv', 'tokens' or 'sparse'
                 base:type|None=None, # only subclasses of this base (e.g. `kv.Evict`)
+                module:str|None=None, # only those defined in this module (a study that new chapters do not grow)
                 **values) -> list: # knob name -> values, applied to the methods that have that knob
     "Every registered method of `family` (under `base`) at each combination of the knob `values` it takes."
     out = []
-    for cls in method_registry(family).values():
+    for cls in method_registry(family, module=module).values():
         if base is not None and not issubclass(cls, base): continue
         own = {k: v for k, v in values.items() if k in {x.name for x in cls.knobs}}
         out += [cls(**dict(zip(own, combo))) for combo in itertools.product(*own.values())]

@@ -81,7 +81,7 @@ def bench_grid(ratios=(0.5, 0.75, 0.9)) -> list:
     from workbench.study import family_grid
     rows = [('full cache', 0.0, None)]
     for r in ratios:
-        policies = family_grid('kv', Evict, ratio=[r]) + [SnapKV(ratio=r, query_aware=True),
+        policies = family_grid('kv', Evict, 'workbench.kv.methods', ratio=[r]) + [SnapKV(ratio=r, query_aware=True),
                     stack(SnapKV(ratio=r), KIVI(bits=4, residual=0)),
                     stack(SnapKV(ratio=r, query_aware=True), KIVI(bits=4, residual=0))]
         rows += [(m.name, r, m) for m in policies]
@@ -195,7 +195,7 @@ def study_grid(ratios=(0.5, 0.75, 0.9)) -> list:
     from workbench.study import family_grid
     out = []
     for r in ratios:
-        out += family_grid('kv', Evict, ratio=[r]) # each policy at its defaults
+        out += family_grid('kv', Evict, 'workbench.kv.methods', ratio=[r]) # chapter 20's policies at their defaults
         out += [StreamingLLM(ratio=r, sinks=0), RandomEvict(ratio=r, sinks=4), SnapKV(ratio=r, query_aware=True),
                 stack(SnapKV(ratio=r), KIVI(bits=4, residual=0))]
     out += [KIVI(bits=b, keys=k) for b in (4, 2) for k in ('channel', 'token')]

@@ -6,10 +6,9 @@
 from __future__ import annotations
 import json
 from dataclasses import replace
-import pandas as pd, torch, torch.nn.functional as F
+import pandas as pd, torch
 from ..core import Knob, WorkbenchError
 from ..data import DATA
-from ..ledger import cache_bytes
 from ..tasks import forward_cached
 from .methods import Evict, H2O, SnapKV, BUDGET_KNOBS, SINKS, WINDOW
 from ..sparse.study import DecodePerplexity # prefill, then token-by-token decoding, each step scored
@@ -65,16 +64,8 @@ class LazyEviction(Evict):
 
 # %% ../../nbs/kv/25_kv_lazy.ipynb #4c0b0b2a
 class LongDecode(DecodePerplexity):
-    "Prefill, then token-by-token decoding with each step scored; records the peak KV bytes over the steps."
-    name = 'long_decode'
-    @torch.no_grad()
-    def _window(self, lm, x):
-        _, cache, peak = forward_cached(lm, x[None, :self.prefill])
-        steps = []
-        for t in range(self.prefill, self.prefill + self.decode):
-            steps.append(lm.model(x[None, t:t+1], past_key_values=cache, use_cache=True).logits[0, -1])
-            peak = max(peak, cache_bytes(cache))
-        return F.log_softmax(torch.stack(steps).float(), -1), x[self.prefill + 1:self.prefill + self.decode + 1], peak
+    "`DecodePerplexity` (peak KV bytes over the steps) under the task name this chapter's stored rows carry."
+    name = 'long_decode' # part of each row's config hash
 
 # %% ../../nbs/kv/25_kv_lazy.ipynb #7a9ecccf
 class _RecurrenceProbe(LazyEviction):

@@ -81,12 +81,14 @@ class DecodePerplexity(Task):
 
     @torch.no_grad()
     def _window(self, lm, x):
-        "Log-probabilities [decode, vocab] of one window's decoding steps, their targets, and the final cache bytes."
-        _, cache, _ = forward_cached(lm, x[None, :self.prefill])
-        step = lambda t: lm.model(x[None, t:t+1], past_key_values=cache, use_cache=True).logits[0, -1]
-        steps = [step(t) for t in range(self.prefill, self.prefill + self.decode)]
+        "Log-probabilities [decode, vocab] of one window's decoding steps, their targets, and the peak cache bytes."
+        _, cache, peak = forward_cached(lm, x[None, :self.prefill])
+        steps = []
+        for t in range(self.prefill, self.prefill + self.decode): # an evicting cache is largest before it evicts
+            steps.append(lm.model(x[None, t:t+1], past_key_values=cache, use_cache=True).logits[0, -1])
+            peak = max(peak, cache_bytes(cache))
         targets = x[self.prefill + 1:self.prefill + self.decode + 1]
-        return F.log_softmax(torch.stack(steps).float(), -1), targets, cache_bytes(cache)
+        return F.log_softmax(torch.stack(steps).float(), -1), targets, peak
 
     def _xs(self, lm):
         ids, L = split_ids(lm.tokenizer, self.split, self.n), self.prefill + self.decode + 1

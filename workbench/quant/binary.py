@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from ..core import Knob, WorkbenchError, best_times, print_row, threads
 from ..packing import pack, unpack
-from .methods import LinearMethod, PackedLinear, GPTQ, RTN, LAYERS_KNOB, CALIB_KNOB, groups_of, expand
+from .methods import LinearMethod, PackedLinear, BlockSolved, GPTQ, RTN, LAYERS_KNOB, CALIB_KNOB, groups_of, expand
 
 
 # %% auto #0
@@ -157,14 +157,13 @@ def bcq_gptq(m:BinaryCoding, # supplies bits, group size, rounds, pow2
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return pat, torch.stack(alphas, 1)
 
-class BinaryGPTQ(BinaryCoding):
+class BinaryGPTQ(BlockSolved, BinaryCoding):
     "Binary coding with GPTQ's output-error compensation (ShiftAddLLM's column-wise optimization), calibrated."
     compute_dtype = 'float64' # the Hessians and the column-by-column solve, as GPTQ
     knobs = BinaryCoding.knobs + (
         Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
         Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens in all'),
         Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'), CALIB_KNOB)
-    _hessians: ClassVar[dict] = {} # id(Linear) -> its Hessian, set by `install` while it quantizes
 
     def quantize(self, w, lin=None):
         H = self._hessians.get(id(lin))
@@ -172,7 +171,6 @@ class BinaryGPTQ(BinaryCoding):
                                            "(BinaryGPTQ(...).apply(lm)) instead of quantizing a bare matrix")
         return bcq_gptq(self, w, H, self.damp)
 
-    def install(self, lm): return GPTQ.install(self, lm) # GPTQ's calibration, block by block, with our `quantize`
 
 
 # %% ../../nbs/quant/13_quant_binary.ipynb #9c249ec0

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/quant/10_quant.ipynb #8cf4f8cc
 from __future__ import annotations
-import copy, math, re
+import copy, json, math, re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
 import torch, torch.nn.functional as F
@@ -20,7 +21,8 @@ from ..packing import pack, unpack, affine_encode, affine_dequantize
 __all__ = ['BLOCK_NAME', 'LAYER_SETS', 'LAYERS_KNOB', 'CALIB_KNOB', 'groups_of', 'expand', 'Quantized', 'PackedLinear',
            'QuantLinear', 'in_blocks', 'targets', 'LinearMethod', 'AffineQuant', 'RTN', 'shrink_lp', 'HQQ',
            'calib_batches', 'block_list', 'hidden_out', 'block_inputs', 'to_float64', 'RMSNorm64', 'as_float64_norm',
-           'float64_copy', 'gptq_quantize', 'block_hessians', 'GPTQ', 'kmeans_1d', 'PaletteLinear', 'KMeans']
+           'float64_copy', 'gptq_quantize', 'block_hessians', 'BlockSolved', 'GPTQ', 'kmeans_1d', 'PaletteLinear',
+           'KMeans']
 
 # %% ../../nbs/quant/10_quant.ipynb #2c1527dc
 def groups_of(w:torch.Tensor, # [out, in] weight matrix
@@ -350,24 +352,69 @@ def block_hessians(block:nn.Module, # a transformer block (GPTQ: its float64 cop
                    names:list, # its Linear layers, by their names inside the block
                    hidden:list, # the hidden states entering the block, one per batch
                    calls:list) -> dict: # the other arguments of its call, per batch: (args, kwargs)
-    "Name -> Hessian `2 X^T X / N` (float64) of the inputs `X` of each layer `names`, over all the batches."
+    "Name -> Hessian `2 X^T X / N` (float64) of the inputs `X` of each layer; layers fed one tensor share one Hessian."
     lins = {n: block.get_submodule(n) for n in names}
-    H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lins.items()}
-    counts = dict.fromkeys(names, 0)
+    H, counts, fed = {}, {}, [] # fed: (input tensor, the first layer it fed) in this batch
     def add(n): # running mean of 2 x^T x over the calibration tokens
         def hook(mod, inp, out):
-            x = inp[0].reshape(-1, inp[0].shape[-1]); k = counts[n]
+            owner = next((o for x, o in fed if x is inp[0]), None)
+            if owner is not None: H[n] = H[owner]; return # q, k and v (gate and up) read one tensor: one sum
+            fed.append((inp[0], n)); x = inp[0].reshape(-1, inp[0].shape[-1]); k = counts.get(n, 0)
+            if n not in H: H[n] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
             H[n].mul_(k / (k + len(x))).add_(2 * x.T @ x / (k + len(x))); counts[n] = k + len(x)
         return hook
     hooks = [m.register_forward_hook(add(n)) for n, m in lins.items()]
     try:
-        for h, (a, kw) in zip(hidden, calls): block(h, *a, **kw)
+        for h, (a, kw) in zip(hidden, calls): fed.clear(); block(h, *a, **kw)
     finally:
+        fed.clear()
         for hk in hooks: hk.remove()
     return H
 
+
 # %% ../../nbs/quant/10_quant.ipynb #b5b677c8
-class GPTQ(AffineQuant):
+class BlockSolved:
+    "Mixin of weight methods solved block by block on calibration inputs (GPTQ and kin: `quantize` reads `_hessians`)."
+    _hessians: ClassVar[dict] = {} # id(Linear) -> its Hessian, set by `calibrate` while it quantizes (never mutated)
+    _solved: ClassVar[OrderedDict] = OrderedDict() # `memo_key` -> {layer name: its module}: the last two solves
+
+    @torch.no_grad()
+    def calibrate(self, lm:LM) -> dict:
+        "Layer name -> its quantized module: each block calibrated on the outputs of the blocks quantized before it."
+        prefix, blocks = block_list(lm.model)
+        batches = calib_batches(lm, self.calib_tokens, self.calib_window, self.calib_split)
+        hidden, calls = to_float64(block_inputs(lm, batches))
+        out = {}
+        try:
+            for i, (block, call) in enumerate(zip(blocks, calls)):
+                lins = {n: m for n, m in block.named_modules() if self.selects(f'{prefix}.{i}.{n}', m)}
+                b64 = float64_copy(block) # the calibration copy: every sum in float64, whatever the kernels
+                hessians = block_hessians(b64, list(lins), hidden, call)
+                self._hessians = {id(m): hessians[n] for n, m in lins.items()}
+                q = {n: self.replacement(m, f'{prefix}.{i}.{n}') for n, m in lins.items()}
+                for n, m in q.items(): b64.get_submodule(n).weight.copy_(m.dequantize()) # the next block's inputs
+                hidden = [hidden_out(b64(h, *a, **kw)) for h, (a, kw) in zip(hidden, call)]
+                out.update({f'{prefix}.{i}.{n}': m for n, m in q.items()})
+        finally: self._hessians = {}
+        return out
+
+    def memo_key(self, lm:LM) -> tuple|None:
+        "What a solve depends on: the model object, its state (names, shapes, sums) and the config; None if busy."
+        if lm.slots: return None # other methods active: never reuse
+        state = tuple((k, tuple(v.shape), v.sum().item()) for k, v in lm.model.state_dict().items()
+                      if v.is_floating_point())
+        return id(lm.model), json.dumps(self.config(), sort_keys=True), state
+
+    def install(self, lm:LM):
+        key = self.memo_key(lm)
+        q = self._solved.pop(key, None) or self.calibrate(lm)
+        if key is not None:
+            self._solved[key] = q # the newest last
+            while len(self._solved) > 2: self._solved.popitem(last=False)
+        names = {id(m): n for n, m in lm.model.named_modules()}
+        return swap_modules(lm.model, lambda m: q[names[id(m)]], lambda n, m: n in q)
+
+class GPTQ(BlockSolved, AffineQuant):
     "GPTQ: second-order, column-by-column quantization calibrated on a calibration split, block by block."
     compute_dtype = 'float64' # the Hessians and the column-by-column solve
     knobs = AffineQuant.knobs + (
@@ -375,7 +422,6 @@ class GPTQ(AffineQuant):
         Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
         Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens in all'),
         Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'), CALIB_KNOB)
-    _hessians: ClassVar[dict] = {} # id(Linear) -> its Hessian, set by `install` while it quantizes (never mutated)
 
     def quantize(self, w, lin=None):
         H = self._hessians.get(id(lin))
@@ -383,28 +429,6 @@ class GPTQ(AffineQuant):
                                            "instead of quantizing a bare matrix")
         return gptq_quantize(self, w, H, self.damp, self.act_order)
 
-    @torch.no_grad()
-    def install(self, lm:LM):
-        prefix, blocks = block_list(lm.model)
-        batches = calib_batches(lm, self.calib_tokens, self.calib_window, self.calib_split)
-        hidden, calls = to_float64(block_inputs(lm, batches))
-        undos = []
-        try:
-            for i, (block, call) in enumerate(zip(blocks, calls)):
-                lins = {n: m for n, m in block.named_modules() if self.selects(f'{prefix}.{i}.{n}', m)}
-                b64 = float64_copy(block) # the calibration copy: every sum in float64, whatever the kernels
-                hessians = block_hessians(b64, list(lins), hidden, call)
-                self._hessians = {id(m): hessians[n] for n, m in lins.items()}
-                q = {id(m): self.replacement(m, f'{prefix}.{i}.{n}') for n, m in lins.items()}
-                undos.append(swap_modules(block, lambda m: q[id(m)], lambda n, m: n in lins))
-                for n, m in lins.items(): # the next block's inputs come from the quantized weights
-                    b64.get_submodule(n).weight.copy_(q[id(m)].dequantize())
-                hidden = [hidden_out(b64(h, *a, **kw)) for h, (a, kw) in zip(hidden, call)]
-        except BaseException:
-            for u in reversed(undos): u()
-            raise
-        finally: self._hessians = {}
-        return lambda: [u() for u in reversed(undos)]
 
 # %% ../../nbs/quant/10_quant.ipynb #4d1be472
 def kmeans_1d(x:torch.Tensor, # [rows, n] values, one clustering per row

@@ -191,7 +191,17 @@ STUDY_CHARTS = {
     'tokens/33_tokens_schedule': ('tokens-schedule', 'DINOv2-S/14, tokens against peak activation bytes, every schedule '
                                                      'and size'),
     'sparse/42_sparse_hybrid': ('sparse-hybrid-retrofit', 'SmolLM2 retrofitted, 2,048 tokens: perplexity against KV '
-                                                          'bytes held, each layout untrained')}
+                                                          'bytes held, each layout untrained'),
+    'sparse/43_sparse_prefill': ('sparse-prefill', 'SmolLM2, 4,096 tokens: perplexity against the scores computed, '
+                                                   'Λ-shape and DuoAttention'),
+    'quant/15_quant_rotation': ('quant-rotation', 'SmolLM2, one 2,048-token window: perplexity against bits per weight, '
+                                                  'rotations and GPTQ beside the peers'),
+    'quant/16_quant_awq': ('quant-awq', "SmolLM2, perplexity against the whole model's bytes: AWQ, RTN, HQQ, GPTQ and "
+                                        'the hqq library'),
+    'kv/29a_kv_kvzip': ('kv-kvzip', 'SmolLM2, needles found at 2,048 tokens against KV bytes held while answering, '
+                                    'half the context evicted before the question'),
+    'kv/29_kv_kvquant': ('kv-kvquant', 'SmolLM2 decoding perplexity against peak KV bytes: KVQuant, KIVI-2 and '
+                                       'QuantizedCache')}
 
 def test_study_charts_drawn_from_the_store(site):
     "Each study chapter's page draws its main chart in Chromium, one point per stored row; a screenshot of each."

@@ -16,7 +16,7 @@ __all__ = ['ROOT', 'REGRESSION', 'BASELINES', 'PROFILES', 'THREAD_VARS', 'SSE42'
            'GPU_METHODS', 'BENCHES', 'regression_notebooks', 'compare', 'settings_for', 'environment', 'run_regression',
            'regression_runs', 'regress', 'store_check', 'tolerance', 'calibrated', 'source_hash', 'resumable_run',
            'other_machines', 'calibrate', 'demo_report', 'demo', 'demo_page', 'plain_perplexity', 'bench_eval',
-           'versions', 'relative_difference', 'device_rows', 'flex_rows', 'bench_gpu', 'bench_function',
+           'bench_demo', 'versions', 'relative_difference', 'device_rows', 'flex_rows', 'bench_gpu', 'bench_function',
            'bench_options', 'option_value', 'cli_options', 'bench_name', 'bench_call', 'run_bench', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #b6966dc5
@@ -280,6 +280,28 @@ def bench_eval(tokens:int=2048, # tokens of the `eval` split
                  repeats=repeats, stat=stat, threads=torch.get_num_threads()) for d in names]
     return pd.DataFrame(rows)
 
+# %% ../nbs/09_cli.ipynb #42b9305e
+def bench_demo(tokens:int=2048, # tokens of the `eval` split (the demo's default)
+               methods:list|None=None, # default: the headline's (`stacks.headline_methods()`)
+               repeats:int=5, # alternating timed runs of the evaluation and of the plain loop
+               goal_s:float=180., # the demo's goal, seconds from an empty cache on one thread
+               goal_overhead:float=1.05 # the evaluation's goal: at most this times the plain loop
+              ) -> pd.DataFrame:
+    "Seconds of the demo from an empty study cache on one thread (its GPTQ rows apart), and the evaluation's overhead."
+    import tempfile
+    from workbench.core import threads
+    with threads(1), tempfile.TemporaryDirectory() as root:
+        t0, c0 = time.perf_counter(), time.process_time()
+        df = demo(Path(root)/'demo.html', tokens, root=root, progress=False, methods=methods)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        ev = bench_eval(tokens, min(512, tokens), repeats=repeats, stat='median').iloc[0]
+    row = lambda what, value, unit, goal=None: dict(measure=what, value=value, unit=unit, goal=goal,
+                                                    met=None if goal is None else value <= goal)
+    gptq = [row(f'row {m}', s, 's') for m, s in zip(df.label, df.wall_s) if m.startswith('GPTQ')]
+    return pd.DataFrame([row('demo, empty study cache, 1 thread: wall clock', wall, 's', goal_s),
+                         row('demo: CPU time', cpu, 's'), *gptq,
+                         row('evaluation / plain loop (median of alternating runs)', ev.ratio, 'x', goal_overhead)])
+
 # %% ../nbs/09_cli.ipynb #c0c54215
 GPU_METHODS = ('RTN', 'KIVI', 'SnapKV', 'SinkWindow', 'Quest', 'FastV') # one or two of each family, default knobs
 
@@ -359,10 +381,14 @@ def bench_gpu(device:str='cuda', # the device compared with the CPU ('cpu' check
 
 # %% ../nbs/09_cli.ipynb #c9b3e1a2
 BENCHES = {'eval': 'workbench.cli:bench_eval', # name -> its benchmark ('module:function'): options in, a DataFrame out
+           'demo': 'workbench.cli:bench_demo',
            'quant': 'workbench.quant.study:bench',
            'matmul': 'workbench.quant.study:bench_matmul',
            'kv': 'workbench.kv.study:bench',
            'sparse': 'workbench.sparse.study:bench',
+           'sparse-prefill': 'workbench.sparse.prefill:bench',
+           'quant-rotation': 'workbench.quant.rotation:bench', 'quant-awq': 'workbench.quant.awq:bench',
+           'kv-quant': 'workbench.kv.kvquant:bench', 'kv-agnostic': 'workbench.kv.kvzip:bench',
            'tokens': 'workbench.tokens.study:bench',
            'gpu': 'workbench.cli:bench_gpu',
            'workers': 'workbench.cluster:bench_workers'}

@@ -35,7 +35,10 @@ STORED = { # name -> 'module:function' returning the `Study` to store (built, no
     'kv-locret': 'workbench.kv.locret:study_rows', 'quant-binary': 'workbench.quant.binary:study_rows',
     'quant-rag': 'workbench.quant.rag:study_rows', 'tokens-schedule': 'workbench.tokens.schedule:study_rows',
     'sparse-hybrid': 'workbench.sparse.hybrid:study_rows',
-    'sparse-hybrid-retrofit': 'workbench.sparse.hybrid:retrofit_study_rows'}
+    'sparse-hybrid-retrofit': 'workbench.sparse.hybrid:retrofit_study_rows',
+    'quant-rotation': 'workbench.quant.rotation:study_rows', 'quant-awq': 'workbench.quant.awq:study_rows',
+    'kv-kvquant': 'workbench.kv.kvquant:study_rows', 'kv-kvzip': 'workbench.kv.kvzip:study_rows',
+    'sparse-prefill': 'workbench.sparse.prefill:study_rows'}
 
 def stored_study(name:str):
     "The `Study` that stored study `name` runs (built, not run), or, for a benchmark, its rows (computed now)."

@@ -192,7 +192,8 @@ def print_table(df:pd.DataFrame):
 STUDY_MODULES = ('methods', 'tasks', 'encoders', 'quant.methods', 'quant.study', 'quant.peers', 'quant.binary',
                  'quant.rag', 'kv.methods', 'kv.study', 'kv.peers', 'kv.scissorhands', 'kv.lazy', 'kv.episodic',
                  'kv.retrieval_heads', 'kv.locret', 'tokens.vision', 'tokens.text', 'tokens.study', 'tokens.schedule',
-                 'sparse.methods', 'sparse.study', 'sparse.hybrid')
+                 'sparse.methods', 'sparse.study', 'sparse.hybrid',
+                 'quant.rotation', 'quant.awq', 'kv.kvquant', 'kv.kvzip', 'sparse.prefill')
 
 
 def import_studies():

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from ..core import Knob, WorkbenchError, best_times, print_row, threads
 from ..packing import pack, unpack
-from .methods import LinearMethod, PackedLinear, BlockSolved, GPTQ, RTN, LAYERS_KNOB, CALIB_KNOB, groups_of, expand
+from .methods import (LinearMethod, PackedLinear, BlockSolved, GPTQ, RTN, LAYERS_KNOB, CALIB_KNOB,
+                                     groups_of, expand)
 
 
 # %% auto #0

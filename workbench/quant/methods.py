@@ -20,9 +20,9 @@ from ..packing import pack, unpack, affine_encode, affine_dequantize
 # %% auto #0
 __all__ = ['BLOCK_NAME', 'LAYER_SETS', 'LAYERS_KNOB', 'CALIB_KNOB', 'groups_of', 'expand', 'Quantized', 'PackedLinear',
            'QuantLinear', 'in_blocks', 'targets', 'LinearMethod', 'AffineQuant', 'RTN', 'shrink_lp', 'HQQ',
-           'calib_batches', 'block_list', 'hidden_out', 'block_inputs', 'to_float64', 'RMSNorm64', 'as_float64_norm',
-           'float64_copy', 'gptq_quantize', 'block_hessians', 'BlockSolved', 'GPTQ', 'kmeans_1d', 'PaletteLinear',
-           'KMeans']
+           'calib_batches', 'block_list', 'hidden_out', 'block_inputs', 'to_dtype', 'to_float64', 'RMSNorm64',
+           'as_float64_norm', 'float64_copy', 'gptq_quantize', 'block_hessians', 'BlockSolved', 'GPTQ', 'kmeans_1d',
+           'PaletteLinear', 'KMeans']
 
 # %% ../../nbs/quant/10_quant.ipynb #2c1527dc
 def groups_of(w:torch.Tensor, # [out, in] weight matrix
@@ -272,12 +272,14 @@ def block_inputs(lm:LM, batches:list) -> tuple:
     return hidden, rest
 
 # %% ../../nbs/quant/10_quant.ipynb #24c0d726
-def to_float64(x):
-    "`x` with every floating-point tensor in it (nested in tuples, lists and dicts) cast to float64."
-    if isinstance(x, torch.Tensor): return x.double() if x.is_floating_point() else x
-    if isinstance(x, (tuple, list)): return type(x)(to_float64(v) for v in x)
-    if isinstance(x, dict): return {k: to_float64(v) for k, v in x.items()}
+def to_dtype(x, dtype=torch.float64):
+    "`x` with every floating-point tensor in it (nested in tuples, lists and dicts) cast to `dtype`."
+    if isinstance(x, torch.Tensor): return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)): return type(x)(to_dtype(v, dtype) for v in x)
+    if isinstance(x, dict): return {k: to_dtype(v, dtype) for k, v in x.items()}
     return x
+
+def to_float64(x): return to_dtype(x, torch.float64)
 
 class RMSNorm64(nn.Module):
     "An RMS norm computed in its input's dtype (transformers' RMS norms compute in float32 whatever the input)."

@@ -412,7 +412,8 @@ def minilm_study() -> QuantStudy:
     return QuantStudy('minilm-l6', minilm_grid(), EmbeddingFidelity(), name='quant-minilm')
 
 # %% ../../nbs/quant/11_quant_study.ipynb #96b1445c
-def bench_grid(peers:bool=True) -> list:
+def bench_grid(peers:bool=True, # the peer libraries' rows, where installed
+               lowbit:bool=True) -> list: # the best low-bit methods of chapters 15 (rotation) and 16 (AWQ)
     "Ours and (when installed) the peers at matching settings: the rows of `bench`."
     ours = [RTN(bits=8, granularity='channel', symmetric=True),
             RTN(bits=4, group_size=128), HQQ(bits=4, group_size=128), GPTQ(bits=4, group_size=128)]
@@ -421,6 +422,9 @@ def bench_grid(peers:bool=True) -> list:
     have = peers_available() if peers else {}
     theirs = ([QuantoPeer(weights='qint8'), QuantoPeer(weights='qint4')] if have.get('optimum-quanto') else []) + \
              ([HQQPeer(bits=4, group_size=64), HQQPeer(bits=3, group_size=64)] if have.get('hqq') else [])
+    if lowbit:
+        from workbench.quant import awq, rotation # chapters built on this one
+        ours += rotation.lowbit_methods() + awq.lowbit_methods()
     return ours + theirs
 
 def bench(tokens:int=2048, # tokens of the `eval` split
@@ -446,7 +450,7 @@ def bench(tokens:int=2048, # tokens of the `eval` split
 def peers_study() -> QuantStudy:
     "The stored side-by-side run, built (not run): `bench_grid()` on the SmolLM2 study's task, sharing its rows."
     from workbench.tasks import Perplexity
-    return QuantStudy('smollm2-135m', bench_grid(), Perplexity(), name='quant-smollm2')
+    return QuantStudy('smollm2-135m', bench_grid(lowbit=False), Perplexity(), name='quant-smollm2')
 
 # %% ../../nbs/quant/11_quant_study.ipynb #bcb1c792
 def bench_matmul(tokens:int=512, out_features:int=1536, in_features:int=576, # the Linear and its input

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from ..core import Knob, WorkbenchError, best_times, print_row, threads
 from ..packing import pack, unpack
-from .methods import (LinearMethod, PackedLinear, BlockSolved, GPTQ, RTN, LAYERS_KNOB, CALIB_KNOB,
+from .methods import (LinearMethod, PackedLinear, BlockSolved, GPTQ, RTN, LAYERS_KNOB, SOLVE_KNOBS,
                                      groups_of, expand)
 
 
@@ -161,16 +161,8 @@ def bcq_gptq(m:BinaryCoding, # supplies bits, group size, rounds, pow2
 class BinaryGPTQ(BlockSolved, BinaryCoding):
     "Binary coding with GPTQ's output-error compensation (ShiftAddLLM's column-wise optimization), calibrated."
     compute_dtype = 'float64' # the Hessians and the column-by-column solve, as GPTQ
-    knobs = BinaryCoding.knobs + (
-        Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
-        Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens in all'),
-        Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'), CALIB_KNOB)
-
-    def quantize(self, w, lin=None):
-        H = self._hessians.get(id(lin))
-        if H is None: raise WorkbenchError("BinaryGPTQ needs calibration: apply it to a model "
-                                           "(BinaryGPTQ(...).apply(lm)) instead of quantizing a bare matrix")
-        return bcq_gptq(self, w, H, self.damp)
+    knobs = BinaryCoding.knobs + SOLVE_KNOBS
+    def quantize(self, w, lin=None): return bcq_gptq(self, w, self.hessian(lin), self.damp)
 
 
 

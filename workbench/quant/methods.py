@@ -18,9 +18,9 @@ from ..data import calibration_split, split_ids, split_source
 from ..packing import pack, unpack, affine_encode, affine_dequantize
 
 # %% auto #0
-__all__ = ['BLOCK_NAME', 'LAYER_SETS', 'LAYERS_KNOB', 'CALIB_KNOB', 'groups_of', 'expand', 'Quantized', 'PackedLinear',
-           'QuantLinear', 'in_blocks', 'targets', 'LinearMethod', 'AffineQuant', 'RTN', 'shrink_lp', 'HQQ',
-           'calib_batches', 'block_list', 'hidden_out', 'block_inputs', 'to_dtype', 'to_float64', 'RMSNorm64',
+__all__ = ['BLOCK_NAME', 'LAYER_SETS', 'LAYERS_KNOB', 'CALIB_KNOB', 'SOLVE_KNOBS', 'groups_of', 'expand', 'Quantized',
+           'PackedLinear', 'QuantLinear', 'in_blocks', 'targets', 'LinearMethod', 'AffineQuant', 'RTN', 'shrink_lp',
+           'HQQ', 'calib_batches', 'block_list', 'hidden_out', 'block_inputs', 'to_dtype', 'to_float64', 'RMSNorm64',
            'as_float64_norm', 'float64_copy', 'gptq_quantize', 'block_hessians', 'BlockSolved', 'GPTQ', 'kmeans_1d',
            'PaletteLinear', 'KMeans']
 
@@ -375,10 +375,24 @@ def block_hessians(block:nn.Module, # a transformer block (GPTQ: its float64 cop
 
 
 # %% ../../nbs/quant/10_quant.ipynb #b5b677c8
+# the knobs of every method solved on calibration inputs (GPTQ and its kin)
+SOLVE_KNOBS = (Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
+               Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens in all'),
+               Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'), CALIB_KNOB)
+
 class BlockSolved:
-    "Mixin of weight methods solved block by block on calibration inputs (GPTQ and kin: `quantize` reads `_hessians`)."
+    "Mixin of weight methods solved block by block on calibration inputs (GPTQ and kin: `quantize` reads `hessian`)."
     _hessians: ClassVar[dict] = {} # id(Linear) -> its Hessian, set by `calibrate` while it quantizes (never mutated)
     _solved: ClassVar[OrderedDict] = OrderedDict() # `memo_key` -> {layer name: its module}: the last two solves
+
+    def hessian(self, lin:nn.Linear) -> torch.Tensor:
+        "The Hessian of `lin`'s calibration inputs, set while `calibrate` runs; a clear error on a bare matrix."
+        H = self._hessians.get(id(lin))
+        if H is None:
+            name = type(self).__name__
+            raise WorkbenchError(f"{name} needs calibration: apply it to a model ({name}(...).apply(lm)) "
+                                 "instead of quantizing a bare matrix")
+        return H
 
     @torch.no_grad()
     def calibrate(self, lm:LM) -> dict:
@@ -420,16 +434,9 @@ class GPTQ(BlockSolved, AffineQuant):
     "GPTQ: second-order, column-by-column quantization calibrated on a calibration split, block by block."
     compute_dtype = 'float64' # the Hessians and the column-by-column solve
     knobs = AffineQuant.knobs + (
-        Knob('act_order', False, doc='quantize columns in order of decreasing Hessian diagonal'),
-        Knob('damp', 0.01, low=0.0, high=1.0, doc='damping, a fraction of the mean Hessian diagonal'),
-        Knob('calib_tokens', 2048, low=16, high=8192, doc='calibration tokens in all'),
-        Knob('calib_window', 512, low=8, high=2048, doc='tokens per calibration window'), CALIB_KNOB)
+        Knob('act_order', False, doc='quantize columns in order of decreasing Hessian diagonal'), *SOLVE_KNOBS)
 
-    def quantize(self, w, lin=None):
-        H = self._hessians.get(id(lin))
-        if H is None: raise WorkbenchError("GPTQ needs calibration: apply it to a model (GPTQ(...).apply(lm)) "
-                                           "instead of quantizing a bare matrix")
-        return gptq_quantize(self, w, H, self.damp, self.act_order)
+    def quantize(self, w, lin=None): return gptq_quantize(self, w, self.hessian(lin), self.damp, self.act_order)
 
 
 # %% ../../nbs/quant/10_quant.ipynb #4d1be472

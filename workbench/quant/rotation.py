@@ -232,10 +232,7 @@ class RotatedGPTQ(Incoherent, GPTQ):
                                      "on the outputs of the layers already quantized before it"),) + ROTATION_KNOBS
 
     def solve(self, w, lin, signs):
-        H = self._hessians.get(id(lin))
-        if H is None: raise WorkbenchError("RotatedGPTQ needs calibration: apply it to a model "
-                                           "(RotatedGPTQ(...).apply(lm)) instead of quantizing a bare matrix")
-        return gptq_quantize(self, w, rotated_hessian(H, signs), self.damp, self.act_order)
+        return gptq_quantize(self, w, rotated_hessian(self.hessian(lin), signs), self.damp, self.act_order)
 
     @torch.no_grad()
     def install(self, lm):
